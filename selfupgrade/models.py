@@ -1,0 +1,461 @@
+"""Data shared by the agent and the control server: releases, orders, heartbeats, states.
+
+Everything here is a frozen dataclass, validated when built, so that a value that exists is a
+value that is safe to act on: a :class:`Version` that cannot hold ``../``, a :class:`Digest`
+whose hex has the right length, an :class:`Artifact` whose URL is http or https.
+
+The wire form (JSON objects) of orders and heartbeats is defined here too, by
+:meth:`UpgradeOrder.to_wire` / :meth:`UpgradeOrder.from_wire` and the same pair on
+:class:`Heartbeat`; both transports and the server use these, nothing else parses them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+from urllib.parse import urlsplit
+
+from packaging.version import InvalidVersion as _PackagingInvalidVersion
+from packaging.version import Version
+
+from .errors import InvalidVersion, UnsafePath, UnsafeURL
+
+__all__ = [
+    "MAX_VERSION_LENGTH",
+    "Artifact",
+    "Digest",
+    "HashAlgorithm",
+    "Heartbeat",
+    "Release",
+    "Role",
+    "UpgradeOrder",
+    "UpgradeState",
+    "Version",
+    "check_relative_target",
+    "check_url",
+    "parse_version",
+]
+
+MAX_VERSION_LENGTH = 64
+"""Longest version string accepted. Real versions are short; a long one is an attack or a bug."""
+
+_HOSTILE_VERSION = re.compile(r"[/\\\x00\s]|\.\.")
+
+HashAlgorithm = Literal["md5", "sha256", "sha512"]
+_HEX_LENGTH: dict[str, int] = {"md5": 32, "sha256": 64, "sha512": 128}
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def parse_version(text: object) -> Version:
+    """Parse a version string, refusing anything that is not a plain PEP 440 version.
+
+    Versions end up in file names and URLs (``bin_<version>``), so before asking ``packaging``
+    this refuses path separators, ``..``, NUL, whitespace and over-long strings.
+
+    Raises:
+        InvalidVersion: naming the string and what is wrong with it.
+    """
+    if not isinstance(text, str):
+        raise InvalidVersion(repr(text), f"a version must be a string, not {type(text).__name__}")
+    if not text:
+        raise InvalidVersion(text, "it is empty")
+    if len(text) > MAX_VERSION_LENGTH:
+        raise InvalidVersion(text[:80], f"longer than {MAX_VERSION_LENGTH} characters")
+    if _HOSTILE_VERSION.search(text):
+        raise InvalidVersion(text, "it contains a path separator, '..', NUL or whitespace")
+    try:
+        return Version(text)
+    except _PackagingInvalidVersion:
+        raise InvalidVersion(text, "not a PEP 440 version such as 1.2.3") from None
+
+
+def check_url(url: object) -> str:
+    """Return ``url`` if it is an absolute http or https URL with a host.
+
+    Raises:
+        UnsafeURL: for any other scheme (``file:``, ``ftp:``, ...), a missing host,
+            credentials in the URL, or control characters.
+    """
+    if not isinstance(url, str) or not url:
+        raise UnsafeURL(f"a URL must be a non-empty string, not {url!r}", url=repr(url))
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise UnsafeURL(f"URL {url!r} contains whitespace or control characters", url=url)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise UnsafeURL(f"URL {url!r}: only http and https are allowed", url=url)
+    if not parts.hostname:
+        raise UnsafeURL(f"URL {url!r} has no host", url=url)
+    if parts.username is not None or parts.password is not None:
+        raise UnsafeURL(f"URL {url!r} carries credentials; configure them instead", url=url)
+    return url
+
+
+def check_relative_target(target: object) -> str:
+    """Return ``target`` if it is a plain relative path that stays inside its base directory.
+
+    Raises:
+        UnsafePath: for absolute paths, ``..`` parts, NUL, backslashes or empty names.
+    """
+    if not isinstance(target, str) or not target:
+        raise UnsafePath(f"a target must be a non-empty string, not {target!r}", path=repr(target))
+    parts = target.split("/")
+    if (
+        target.startswith("/")
+        or "\x00" in target
+        or "\\" in target
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise UnsafePath(
+            f"target {target!r} must be a relative path inside the install directory", path=target
+        )
+    return target
+
+
+class Role(str, enum.Enum):
+    """The three files of an installed daemon: its program, its config, its service file."""
+
+    BIN = "bin"
+    CFG = "cfg"
+    SERVICE = "service"
+
+
+class UpgradeState(str, enum.Enum):
+    """What the agent is doing, as reported in every heartbeat."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    RESTARTING = "restarting"
+    CONFIRMING = "confirming"
+    """Started as a new version; waiting for health to be confirmed."""
+    FAILED = "failed"
+    """The last attempt failed before the swap; the old version runs. ``error`` says why."""
+    ROLLED_BACK = "rolled_back"
+    """The new version failed after the swap and the previous one was restored."""
+
+
+@dataclass(frozen=True)
+class Digest:
+    """An expected digest: an algorithm and its lowercase hex value.
+
+    md5 exists only for the falcon protocol: it detects corruption, not tampering.
+
+    Raises:
+        ValueError: for an unknown algorithm or a hex string of the wrong form.
+    """
+
+    algorithm: HashAlgorithm
+    hex: str
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in _HEX_LENGTH:
+            raise ValueError(
+                f"unknown digest algorithm {self.algorithm!r}; use one of {sorted(_HEX_LENGTH)}"
+            )
+        value = self.hex.lower() if isinstance(self.hex, str) else ""
+        if len(value) != _HEX_LENGTH[self.algorithm] or not _HEX.fullmatch(value):
+            raise ValueError(
+                f"{self.algorithm} digest must be {_HEX_LENGTH[self.algorithm]} hex digits, "
+                f"got {self.hex!r}"
+            )
+        object.__setattr__(self, "hex", value)
+
+    @classmethod
+    def parse(cls, text: str) -> Digest:
+        """Parse ``"sha256:<hex>"`` (or ``md5:``, ``sha512:``).
+
+        Raises:
+            ValueError: if the text is not of that form.
+        """
+        algorithm, sep, value = text.partition(":") if isinstance(text, str) else ("", "", "")
+        if not sep:
+            raise ValueError(f"digest {text!r} must look like 'sha256:<hex>'")
+        return cls(cast(HashAlgorithm, algorithm), value)
+
+    @property
+    def integrity_only(self) -> bool:
+        """True for md5: it catches a corrupted download, not a forged one."""
+        return self.algorithm == "md5"
+
+    def matches(self, hex_value: str) -> bool:
+        """Compare with ``hex_value`` in constant time."""
+        return hmac.compare_digest(self.hex.encode(), hex_value.lower().encode())
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file of a release: where to get it, what it must hash to, where it goes.
+
+    Attributes:
+        role: which of the three files this is.
+        url: an http or https address.
+        digest: the digest the bytes must have.
+        size: the exact size in bytes, when known (a download of another size is refused).
+        target: a path relative to the install directory; ``None`` means the role's default.
+        mode: the file mode to install with; ``None`` keeps the mode of the file it replaces.
+
+    Raises:
+        UnsafeURL, UnsafePath, ValueError: when a field is not acceptable.
+    """
+
+    role: Role
+    url: str
+    digest: Digest
+    size: int | None = None
+    target: str | None = None
+    mode: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))
+        check_url(self.url)
+        if self.size is not None and (
+            isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0
+        ):
+            raise ValueError(f"size must be a non-negative integer, got {self.size!r}")
+        if self.target is not None:
+            check_relative_target(self.target)
+        if self.mode is not None and (
+            isinstance(self.mode, bool)
+            or not isinstance(self.mode, int)
+            or not 0 <= self.mode <= 0o777
+        ):
+            raise ValueError(f"mode must be between 0 and 0o777, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class Release:
+    """A version and the artifacts that make it up (any non-empty subset of the three roles).
+
+    Raises:
+        ValueError: for no artifacts or two artifacts of the same role.
+    """
+
+    version: Version
+    artifacts: tuple[Artifact, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.version, Version):
+            object.__setattr__(self, "version", parse_version(self.version))
+        object.__setattr__(self, "artifacts", tuple(self.artifacts))
+        roles = [a.role for a in self.artifacts]
+        if not roles:
+            raise ValueError("a release needs at least one artifact")
+        if len(set(roles)) != len(roles):
+            raise ValueError(f"a release has one artifact per role, got {[r.value for r in roles]}")
+
+    def artifact(self, role: Role) -> Artifact | None:
+        """The artifact of ``role``, or ``None`` if this release does not change that file."""
+        return next((a for a in self.artifacts if a.role == role), None)
+
+    @property
+    def roles(self) -> frozenset[Role]:
+        """The roles this release carries."""
+        return frozenset(a.role for a in self.artifacts)
+
+
+@dataclass(frozen=True)
+class UpgradeOrder:
+    """What the control server tells one agent to do.
+
+    Attributes:
+        release: the version and artifacts to install.
+        task_id: the server's id of the task or rollout (echoed back in heartbeats).
+        allow_downgrade: install even if the release is older than the running version.
+        manifest: a signed release manifest (bytes), when the server has one.
+    """
+
+    release: Release
+    task_id: str = ""
+    allow_downgrade: bool = False
+    manifest: bytes | None = field(default=None, repr=False)
+
+    @property
+    def version(self) -> Version:
+        """The release's version."""
+        return self.release.version
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object sent to agents."""
+        wire: dict[str, Any] = {
+            "task_id": self.task_id,
+            "version": str(self.release.version),
+            "allow_downgrade": self.allow_downgrade,
+            "artifacts": {
+                a.role.value: _drop_none(
+                    {
+                        "url": a.url,
+                        "digest": str(a.digest),
+                        "size": a.size,
+                        "target": a.target,
+                        "mode": a.mode,
+                    }
+                )
+                for a in self.release.artifacts
+            },
+        }
+        if self.manifest is not None:
+            wire["manifest"] = self.manifest.decode("utf-8")
+        return wire
+
+    @classmethod
+    def from_wire(cls, data: object) -> UpgradeOrder:
+        """Build an order from its JSON object.
+
+        Raises:
+            OrderRejected: (``InvalidVersion``, ``UnsafeURL``, ``UnsafePath``) or ValueError
+                when a field is missing or malformed; the message names the field.
+        """
+        obj = _require_mapping(data, "order")
+        version = parse_version(obj.get("version"))
+        raw_artifacts = _require_mapping(obj.get("artifacts"), "order.artifacts")
+        artifacts = []
+        for role_name, raw in raw_artifacts.items():
+            try:
+                role = Role(role_name)
+            except ValueError:
+                raise ValueError(f"order.artifacts: unknown role {role_name!r}") from None
+            spec = _require_mapping(raw, f"order.artifacts.{role_name}")
+            digest_text = spec.get("digest")
+            if not isinstance(digest_text, str):
+                raise ValueError(f"order.artifacts.{role_name}.digest must be a string")
+            artifacts.append(
+                Artifact(
+                    role=role,
+                    url=cast(str, spec.get("url")),
+                    digest=Digest.parse(digest_text),
+                    size=cast("int | None", spec.get("size")),
+                    target=cast("str | None", spec.get("target")),
+                    mode=cast("int | None", spec.get("mode")),
+                )
+            )
+        task_id = obj.get("task_id", "")
+        if not isinstance(task_id, str) or len(task_id) > 128:
+            raise ValueError("order.task_id must be a string of at most 128 characters")
+        allow_downgrade = obj.get("allow_downgrade", False)
+        if not isinstance(allow_downgrade, bool):
+            raise ValueError("order.allow_downgrade must be true or false")
+        manifest = obj.get("manifest")
+        if manifest is not None and not isinstance(manifest, str):
+            raise ValueError("order.manifest must be a string")
+        return cls(
+            release=Release(version, tuple(artifacts)),
+            task_id=task_id,
+            allow_downgrade=allow_downgrade,
+            manifest=manifest.encode("utf-8") if manifest is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What an agent tells the control server on every beat.
+
+    Attributes:
+        host: the host's identity (its hostname by default).
+        version: the version it runs now.
+        state: what it is doing.
+        error: why the last attempt failed or was rolled back, if it did.
+        task_id: the task the state refers to.
+        failed_version: the version that failed or was rolled back, if any.
+        labels: host labels for targeting (``{"dc": "bj", "role": "db"}``).
+        files: digests of the installed small files, ``{"cfg": {"md5": ..., "sha256": ...}}``,
+            so that a config-only task can tell when it is done.
+        confirmed: the running version has confirmed its health.
+    """
+
+    host: str
+    version: Version
+    state: UpgradeState = UpgradeState.IDLE
+    error: str | None = None
+    task_id: str = ""
+    failed_version: Version | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    confirmed: bool = True
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object sent to the server."""
+        return {
+            "host": self.host,
+            "version": str(self.version),
+            "state": self.state.value,
+            "error": self.error,
+            "task_id": self.task_id,
+            "failed_version": str(self.failed_version) if self.failed_version else None,
+            "labels": dict(self.labels),
+            "files": {k: dict(v) for k, v in self.files.items()},
+            "confirmed": self.confirmed,
+        }
+
+    @classmethod
+    def from_wire(cls, data: object) -> Heartbeat:
+        """Build a heartbeat from its JSON object.
+
+        Raises:
+            ValueError: (``InvalidVersion`` among them) naming the field that is wrong.
+        """
+        obj = _require_mapping(data, "heartbeat")
+        host = obj.get("host")
+        if not isinstance(host, str) or not 0 < len(host) <= 255 or not host.isprintable():
+            raise ValueError("heartbeat.host must be a printable string of 1 to 255 characters")
+        try:
+            state = UpgradeState(obj.get("state", "idle"))
+        except ValueError:
+            raise ValueError(
+                f"heartbeat.state must be one of {[s.value for s in UpgradeState]}"
+            ) from None
+        error = obj.get("error")
+        if error is not None and not isinstance(error, str):
+            raise ValueError("heartbeat.error must be a string or null")
+        task_id = obj.get("task_id") or ""
+        if not isinstance(task_id, str) or len(task_id) > 128:
+            raise ValueError("heartbeat.task_id must be a string of at most 128 characters")
+        failed = obj.get("failed_version")
+        labels = _string_map(obj.get("labels", {}), "heartbeat.labels")
+        files_raw = _require_mapping(obj.get("files", {}), "heartbeat.files")
+        files = {
+            str(role): _string_map(v, f"heartbeat.files.{role}") for role, v in files_raw.items()
+        }
+        confirmed = obj.get("confirmed", True)
+        if not isinstance(confirmed, bool):
+            raise ValueError("heartbeat.confirmed must be true or false")
+        return cls(
+            host=host,
+            version=parse_version(obj.get("version")),
+            state=state,
+            error=error[:1000] if error else None,
+            task_id=task_id,
+            failed_version=parse_version(failed) if failed else None,
+            labels=labels,
+            files=files,
+            confirmed=confirmed,
+        )
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _require_mapping(value: object, name: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a JSON object")
+    return value
+
+
+def _string_map(value: object, name: str, max_items: int = 64) -> dict[str, str]:
+    obj = _require_mapping(value, name)
+    if len(obj) > max_items:
+        raise ValueError(f"{name} has more than {max_items} entries")
+    out: dict[str, str] = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, str) or len(k) > 128 or len(v) > 256:
+            raise ValueError(f"{name} must map short strings to short strings")
+        out[k] = v
+    return out
