@@ -160,7 +160,17 @@ class TripleInstaller:
                 )
 
     def staging_path(self, target: Path) -> Path:
-        """A new, unused path beside ``target`` for its download."""
+        """A new, unused path beside ``target`` for its download.
+
+        ``target`` is remembered as a managed file, so that a download orphaned by a crash
+        (before the install journaled it) is deleted at the next :meth:`boot`.
+        """
+        with self._locked():
+            state = self._load()
+            managed = state.setdefault("managed", [])
+            if str(target) not in managed:
+                managed.append(str(target))
+                self._save(state, step="journal:managed")
         return target.parent / f".{target.name}.su-{secrets.token_hex(6)}.new"
 
     # ---- install -------------------------------------------------------------------------
@@ -336,6 +346,7 @@ class TripleInstaller:
                     rolled_back = True
                 else:
                     self._save(state, step="journal:boot")
+            self._collect_garbage(self._load())
             for m in messages:
                 log.info("%s", m)
             return BootReport(
@@ -555,7 +566,7 @@ class TripleInstaller:
     def _collect_garbage(self, state: Mapping[str, Any], also: Sequence[Path] = ()) -> None:
         """Delete our backup/staged/temporary files that ``state`` no longer names."""
         keep: set[str] = set()
-        targets: set[Path] = set(also)
+        targets: set[Path] = set(also) | {Path(p) for p in state.get("managed") or []}
         for gen in ("current", "previous"):
             for spec in ((state.get(gen) or {}).get("files") or {}).values():
                 targets.add(Path(spec["path"]))

@@ -280,6 +280,10 @@ class HttpFetcher:
                             status_code=resp.status_code,
                         )
                     for chunk in resp.iter_raw():
+                        if time.monotonic() > deadline:
+                            raise DeadlineExceeded(
+                                f"GET {url}: deadline passed after {sink.received} bytes", url=url
+                            )
                         sink.write(chunk)
                     return
             except httpx.TimeoutException as exc:

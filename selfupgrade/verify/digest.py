@@ -65,14 +65,14 @@ class DigestVerifier:
         for artifact in order.release.artifacts:
             algorithm = artifact.digest.algorithm
             if algorithm not in self._accepted:
+                hint = (
+                    "; pass allow_md5=True to accept the falcon protocol's md5"
+                    if algorithm == "md5"
+                    else ""
+                )
                 raise OrderRejected(
                     f"{artifact.role.value} artifact uses {algorithm}, which this agent does not "
-                    f"accept (accepted: {sorted(self._accepted)}); "
-                    + (
-                        "pass allow_md5=True to accept the falcon protocol's md5"
-                        if algorithm == "md5"
-                        else ""
-                    )
+                    f"accept (accepted: {sorted(self._accepted)}){hint}"
                 )
             if artifact.digest.integrity_only and not self._warned:
                 self._warned = True
