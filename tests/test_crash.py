@@ -9,17 +9,15 @@ record agrees with the files and that no staged or temporary file is left behind
 
 from __future__ import annotations
 
-import json
+import contextlib
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
-
-import contextlib
-import tempfile
-import time
 
 from selfupgrade import ConfirmPolicy, Role, StagedFile, TripleInstaller
 from selfupgrade.testing import TOY_FILES, CrashingSystem, RecordingSystem, toy_release

@@ -9,12 +9,15 @@ import pytest
 
 import selfupgrade
 
-MODULES = sorted(
-    m.name
-    for m in pkgutil.walk_packages(selfupgrade.__path__, "selfupgrade.")
-    if not any(part.startswith("_") for part in m.name.split("."))
-    and m.name != "selfupgrade.testing.pytest_plugin"
-) + ["selfupgrade"]
+MODULES = [
+    "selfupgrade",
+    *sorted(
+        m.name
+        for m in pkgutil.walk_packages(selfupgrade.__path__, "selfupgrade.")
+        if not any(part.startswith("_") for part in m.name.split("."))
+        and m.name != "selfupgrade.testing.pytest_plugin"
+    ),
+]
 
 
 def _isort_key(name: str) -> tuple[int, str]:

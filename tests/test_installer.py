@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import sys
@@ -85,7 +84,7 @@ def test_install_while_another_version_is_on_trial_is_refused(
 ) -> None:
     inst = TripleInstaller(tmp_path / "state")
     inst.install("1.1", stage(inst, install_dir), from_version="1.0", confirm=ConfirmPolicy())
-    with pytest.raises(InstallFailed, match="1.1 is still on trial"):
+    with pytest.raises(InstallFailed, match=r"1\.1 is still on trial"):
         inst.install(
             "1.2",
             stage(inst, install_dir, toy_release("1.2")),

@@ -172,9 +172,9 @@ def test_heartbeat_round_trips_and_validates() -> None:
         confirmed=True,
     )
     assert Heartbeat.from_wire(beat.to_wire()) == beat
-    with pytest.raises(ValueError, match="heartbeat.state"):
+    with pytest.raises(ValueError, match=r"heartbeat\.state"):
         Heartbeat.from_wire({**beat.to_wire(), "state": "dancing"})
-    with pytest.raises(ValueError, match="heartbeat.host"):
+    with pytest.raises(ValueError, match=r"heartbeat\.host"):
         Heartbeat.from_wire({**beat.to_wire(), "host": ""})
     with pytest.raises(ValueError, match="labels"):
         Heartbeat.from_wire({**beat.to_wire(), "labels": {"dc": 1}})

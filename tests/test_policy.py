@@ -7,6 +7,7 @@ import hashlib
 import pytest
 
 from selfupgrade import Artifact, Digest, DowngradeRefused, Release, Role, UpgradeOrder
+from selfupgrade.models import parse_version
 from selfupgrade.policy import (
     FailureRecord,
     full_jitter,
@@ -14,7 +15,6 @@ from selfupgrade.policy import (
     order_applies,
     retry_allowed_at,
 )
-from selfupgrade.models import parse_version
 
 V = parse_version
 
@@ -42,7 +42,7 @@ def test_bin_orders_are_decided_by_version() -> None:
 
 
 def test_downgrade_needs_explicit_permission() -> None:
-    with pytest.raises(DowngradeRefused, match="older than the running 2.0"):
+    with pytest.raises(DowngradeRefused, match=r"older than the running 2\.0"):
         order_applies(_order("1.9"), current=V("2.0"), installed={})
     assert order_applies(_order("1.9", down=True), current=V("2.0"), installed={})
 

@@ -11,7 +11,8 @@ into the program text, as a compiled daemon's would be, so version 1.1 is a diff
 * ``unhealthy``: heartbeats, but its health check always fails.
 
 Host-specific settings come from the environment (``TOY_HOST``, ``TOY_HBS``, ``TOY_STATE_DIR``,
-``TOY_RESTARTER``, ``TOY_PROGRAM``), so one config file serves every host.
+``TOY_RESTARTER`` = systemd|supervisor|exec, ``TOY_PROGRAM``, ``TOY_SUPERVISOR_HOW`` = rpc|exit),
+so one config file serves every host.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def main() -> int:
     state_dir = os.environ["TOY_STATE_DIR"]
     kind = os.environ.get("TOY_RESTARTER", "systemd")
     if kind == "supervisor":
-        restarter = su.SupervisorRestarter(os.environ.get("TOY_PROGRAM", "toy"))
+        restarter = su.SupervisorRestarter(
+            os.environ.get("TOY_PROGRAM", "toy"), how=os.environ.get("TOY_SUPERVISOR_HOW", "rpc")
+        )
     elif kind == "exec":
         restarter = su.ExecRestarter(guard_state_dir=state_dir)
     else:
