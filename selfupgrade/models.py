@@ -368,6 +368,9 @@ class Heartbeat:
         files: digests of the installed small files, ``{"cfg": {"md5": ..., "sha256": ...}}``,
             so that a config-only task can tell when it is done.
         confirmed: the running version has confirmed its health.
+        failures: how many attempts at ``failed_version`` failed so far; a server compares it
+            with the count it saw when it admitted the host, to tell a new failure from the
+            report of an old one.
     """
 
     host: str
@@ -379,6 +382,7 @@ class Heartbeat:
     labels: Mapping[str, str] = field(default_factory=dict)
     files: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     confirmed: bool = True
+    failures: int = 0
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object sent to the server."""
@@ -392,6 +396,7 @@ class Heartbeat:
             "labels": dict(self.labels),
             "files": {k: dict(v) for k, v in self.files.items()},
             "confirmed": self.confirmed,
+            "failures": self.failures,
         }
 
     @classmethod
@@ -426,6 +431,9 @@ class Heartbeat:
         confirmed = obj.get("confirmed", True)
         if not isinstance(confirmed, bool):
             raise ValueError("heartbeat.confirmed must be true or false")
+        failures = obj.get("failures", 0)
+        if isinstance(failures, bool) or not isinstance(failures, int) or not 0 <= failures < 2**31:
+            raise ValueError("heartbeat.failures must be a non-negative integer")
         return cls(
             host=host,
             version=parse_version(obj.get("version")),
@@ -436,6 +444,7 @@ class Heartbeat:
             labels=labels,
             files=files,
             confirmed=confirmed,
+            failures=failures,
         )
 
 

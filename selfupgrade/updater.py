@@ -241,6 +241,7 @@ class Updater:
                 labels=self.config.labels,
                 files={r.value: d for r, d in self._installed_digests(_SMALL_ROLES).items()},
                 confirmed=not self._on_trial,
+                failures=self._failure_count(),
             )
 
     # ---- start-up --------------------------------------------------------------------------
@@ -324,8 +325,10 @@ class Updater:
                 order, current=self.version, installed=self._installed_digests(order.release.roles)
             )
         except OrderRejected as exc:
-            self._set(UpgradeState.FAILED, str(exc))
-            self._task_id = order.task_id
+            with self._lock:
+                self._task_id = order.task_id
+            if self._failed_version != order.version or self._state != UpgradeState.FAILED:
+                self._record_failure(order, str(exc))
             return
         if not applies:
             return
@@ -425,6 +428,12 @@ class Updater:
         self.upgrades += 1
         self._restart(f"installed {order.version}")
         return True
+
+    def _failure_count(self) -> int:
+        if self._failed_version is None:
+            return 0
+        record = self._failures.get(str(self._failed_version))
+        return record.attempts if record is not None else 0
 
     def _record_failure(self, order: UpgradeOrder, reason: str) -> None:
         key = str(order.version)

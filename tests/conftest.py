@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Iterator
 
 import pytest
+
+from selfupgrade.testing import RedisServer, find_redis_server
 
 
 @pytest.fixture(autouse=True)
@@ -35,3 +38,29 @@ def closed_port() -> int:
     port = sock.getsockname()[1]
     sock.close()
     return port
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free port, for the whole session (tests flush it).
+
+    Skipped when redis-server is not installed, unless SELFUPGRADE_REQUIRE_REDIS=1 (as in CI),
+    where a missing server is a failure.
+    """
+    if find_redis_server() is None:
+        if os.environ.get("SELFUPGRADE_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is required (SELFUPGRADE_REQUIRE_REDIS=1) but not installed")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of a freshly flushed redis-server."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url

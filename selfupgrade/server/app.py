@@ -1,0 +1,237 @@
+"""The hbs HTTP API as an ASGI app (Starlette). Needs ``selfupgrade[server]``.
+
+Routes:
+
+=========================  ======  ===========================================================
+``/selfupgrade/v1/heartbeat``  POST  an agent's heartbeat -> ``{"order": null | {...}}``
+``/agent/upgrade``          POST    publish a task (the falcon API; admin)
+``/agent/upgrade``          DELETE  cancel the task and free its slots (admin)
+``/agent/upgrade/nowargs``  GET     the task in the falcon API's form
+``/agentversions``          GET     ``{host: version}``
+``/agents``                 GET     the hosts seen
+``/selfupgrade/v1/status``  GET     the task, its counters, the fleet by version and state
+``/health``                 GET     ``ok``
+=========================  ======  ===========================================================
+
+Admin routes answer only callers on a loopback address (127.0.0.0/8 or ::1) that came without
+proxy headers (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``): a proxy on localhost does
+not make a remote caller local. With ``admin_token`` set they also need
+``Authorization: Bearer <token>`` (compared in constant time). Bodies are capped at
+``max_body_bytes``. Every error is JSON: ``{"msg": "error", "field": ..., "error": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "selfupgrade.server.app needs the 'server' extra: pip install 'selfupgrade[server]'"
+    ) from exc
+
+from ..models import Heartbeat, Role
+from .plane import ControlPlane
+from .tasks import FieldError, Task, seed_args
+
+__all__ = ["AppConfig", "create_app"]
+
+log = logging.getLogger("selfupgrade.server")
+
+HEARTBEAT_PATH = "/selfupgrade/v1/heartbeat"
+_PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Settings of the HTTP front end.
+
+    Attributes:
+        admin_token: when set, admin routes need ``Authorization: Bearer <token>``.
+        loopback_admin_only: admin routes answer only loopback callers (the seed's rule).
+        max_body_bytes: larger request bodies are refused with 413.
+        tick_s: how often the plane's housekeeping runs (flush heartbeats, expire leases).
+    """
+
+    admin_token: str = ""
+    loopback_admin_only: bool = True
+    max_body_bytes: int = 64 * 1024
+    tick_s: float = 1.0
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"msg": "error", "error": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=status)
+
+
+def _success(data: Any) -> JSONResponse:
+    return JSONResponse({"msg": "success", "data": data})
+
+
+def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlette:
+    """The hbs ASGI app over ``plane``."""
+    cfg = config or AppConfig()
+
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            raise _HttpError(413, f"body larger than {cfg.max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cfg.max_body_bytes:
+                raise _HttpError(413, f"body larger than {cfg.max_body_bytes} bytes")
+        try:
+            return json.loads(bytes(body))
+        except ValueError:
+            raise _HttpError(400, "body is not valid JSON", "body") from None
+
+    def require_admin(request: Request) -> None:
+        if cfg.loopback_admin_only:
+            host = request.client.host if request.client else ""
+            if not _is_loopback(host) or any(h in request.headers for h in _PROXY_HEADERS):
+                raise _HttpError(403, "admin routes answer only local callers")
+        if cfg.admin_token:
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {cfg.admin_token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                raise _HttpError(401, "a valid 'Authorization: Bearer <token>' is required")
+
+    async def heartbeat(request: Request) -> Response:
+        data = await read_json(request)
+        try:
+            beat = Heartbeat.from_wire(data)
+        except ValueError as exc:
+            raise _HttpError(400, str(exc), _field_of(str(exc))) from None
+        order = plane.heartbeat_wire(beat)
+        return JSONResponse({"order": order})
+
+    async def upgrade(request: Request) -> Response:
+        if request.method == "POST":
+            require_admin(request)
+            body = await read_json(request)
+            try:
+                task = plane.publish_seed(body)
+            except FieldError as exc:
+                raise _HttpError(400, str(exc), exc.field) from None
+            return _success({**_seed_view(task), "task_id": task.id})
+        if request.method == "DELETE":
+            require_admin(request)
+            cancelled = plane.cancel()
+            return _success(
+                f"upgrade {cancelled.id} cancelled" if cancelled else "no upgrade to cancel"
+            )
+        raise _HttpError(405, "only POST (publish) and DELETE (cancel) are allowed here")
+
+    async def nowargs(request: Request) -> Response:
+        task = plane.active_task()
+        return _success(_seed_view(task) if task is not None else seed_args(0, "", "", "", ""))
+
+    async def agentversions(request: Request) -> Response:
+        return _success(plane.versions())
+
+    async def agents(request: Request) -> Response:
+        return _success(sorted(plane.versions()))
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(plane.status())
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    def guarded(handler: Any) -> Any:
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)  # type: ignore[no-any-return]
+            except _HttpError as exc:
+                return _error(exc.status, str(exc), exc.field)
+
+        return run
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(cfg.tick_s)
+                try:
+                    plane.tick()
+                except Exception:
+                    log.exception("housekeeping failed")
+
+        task = asyncio.create_task(ticker())
+        try:
+            yield
+        finally:
+            task.cancel()
+            plane.flush()
+
+    return Starlette(
+        routes=[
+            Route(HEARTBEAT_PATH, guarded(heartbeat), methods=["POST"]),
+            Route(
+                "/agent/upgrade",
+                guarded(upgrade),
+                methods=["GET", "POST", "DELETE", "PUT", "PATCH"],
+            ),
+            Route("/agent/upgrade/nowargs", guarded(nowargs), methods=["GET"]),
+            Route("/agentversions", guarded(agentversions), methods=["GET"]),
+            Route("/agents", guarded(agents), methods=["GET"]),
+            Route("/selfupgrade/v1/status", guarded(status), methods=["GET"]),
+            Route("/health", guarded(health), methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def _seed_view(task: Task) -> dict[str, Any]:
+    """The task as the falcon API shows it (``type``, ``wgeturl``, md5s)."""
+    if task.seed is not None:
+        return dict(task.seed)
+    bin_artifact = task.release.artifact(Role.BIN)
+    cfg_artifact = task.release.artifact(Role.CFG)
+    kind = 2 if bin_artifact and cfg_artifact else (1 if cfg_artifact else 0)
+    first = bin_artifact or cfg_artifact
+    wgeturl = first.url.rsplit("/", 1)[0] if first else ""
+    return seed_args(
+        kind,
+        wgeturl,
+        str(task.version),
+        bin_artifact.digest.hex if bin_artifact and bin_artifact.digest.algorithm == "md5" else "",
+        cfg_artifact.digest.hex if cfg_artifact and cfg_artifact.digest.algorithm == "md5" else "",
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _field_of(message: str) -> str | None:
+    head = message.split(" ", 1)[0]
+    return head if head.startswith("heartbeat.") else None

@@ -1,0 +1,329 @@
+"""Tasks and per-host progress: the data of the control plane.
+
+A :class:`Task` is one upgrade the operator published: a release (version and artifacts), how
+many hosts may hold an upgrade slot at once, how long a slot's lease lasts, and how failures
+are retried. It is stored, with its id, in the store, never only in one process's memory.
+
+:func:`task_from_seed` turns the falcon API's body (``wgeturl``, ``version``, ``binfile_md5``,
+``cfgfile_md5``, ``type``) into a task, validating it as the seed did and adding what the seed
+forgot (an unknown ``type``, a malformed md5, a version that is not a version).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from ..models import (
+    Artifact,
+    Digest,
+    Heartbeat,
+    Release,
+    Role,
+    UpgradeOrder,
+    Version,
+    check_url,
+    parse_version,
+)
+
+__all__ = [
+    "FieldError",
+    "HostProgress",
+    "HostSeen",
+    "Task",
+    "TaskCounters",
+    "TaskLimits",
+    "TaskStatus",
+    "seed_args",
+    "task_from_seed",
+]
+
+TaskStatus = Literal["active", "cancelled", "halted", "done"]
+
+
+class FieldError(ValueError):
+    """An admin request is invalid; ``field`` names the offending field."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """How a task admits hosts and treats their failures.
+
+    Attributes:
+        max_in_flight: hosts that may hold an upgrade slot at once (the seed's queue length).
+        lease_s: how long a slot is held without news from its host.
+        max_attempts: failed attempts before a host is marked failed for this task.
+        retry_backoff_s: wait before a failed host is admitted again (doubles per failure).
+        failure_limit: failed hosts after which the task halts and admits nobody.
+    """
+
+    max_in_flight: int = 2000
+    lease_s: float = 180.0
+    max_attempts: int = 3
+    retry_backoff_s: float = 120.0
+    failure_limit: int = 2000
+
+    def __post_init__(self) -> None:
+        for name in ("max_in_flight", "max_attempts", "failure_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FieldError(name, "must be a positive integer")
+        for name in ("lease_s", "retry_backoff_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise FieldError(name, "must be a positive number")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One published upgrade.
+
+    Attributes:
+        id: unique id, echoed by agents in their heartbeats.
+        release: what to install.
+        limits: admission and retry limits.
+        created_at: wall-clock time of publication.
+        allow_downgrade: also move hosts that run a newer version.
+        seed: the falcon API's view of the task (``type``, ``wgeturl``, ``version``,
+            ``binfile_md5``, ``cfgfile_md5``), for ``GET /agent/upgrade/nowargs``.
+    """
+
+    id: str
+    release: Release
+    limits: TaskLimits = field(default_factory=TaskLimits)
+    created_at: float = 0.0
+    allow_downgrade: bool = False
+    seed: Mapping[str, Any] | None = None
+
+    @property
+    def version(self) -> Version:
+        """The target version."""
+        return self.release.version
+
+    def order(self) -> UpgradeOrder:
+        """The order sent to an admitted host."""
+        return UpgradeOrder(self.release, task_id=self.id, allow_downgrade=self.allow_downgrade)
+
+    def done_for(self, beat: Heartbeat) -> bool:
+        """Whether ``beat``'s host already has this task's result.
+
+        With the program in the release, that is its version. Without it (a config-only task),
+        the program's version does not change, so the host is done when the digests it reports
+        for those files match the task's.
+        """
+        if Role.BIN in self.release.roles:
+            return beat.version == self.version
+        for artifact in self.release.artifacts:
+            have = beat.files.get(artifact.role.value, {}).get(artifact.digest.algorithm)
+            if have is None or not artifact.digest.matches(have):
+                return False
+        return True
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object that :meth:`from_json` reads back."""
+        return {
+            "id": self.id,
+            "order": self.order().to_wire(),
+            "limits": {
+                "max_in_flight": self.limits.max_in_flight,
+                "lease_s": self.limits.lease_s,
+                "max_attempts": self.limits.max_attempts,
+                "retry_backoff_s": self.limits.retry_backoff_s,
+                "failure_limit": self.limits.failure_limit,
+            },
+            "created_at": self.created_at,
+            "allow_downgrade": self.allow_downgrade,
+            "seed": dict(self.seed) if self.seed is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Task:
+        """Read a task written by :meth:`to_json`."""
+        order = UpgradeOrder.from_wire(data["order"])
+        return cls(
+            id=str(data["id"]),
+            release=order.release,
+            limits=TaskLimits(**data["limits"]),
+            created_at=float(data["created_at"]),
+            allow_downgrade=bool(data["allow_downgrade"]),
+            seed=data.get("seed"),
+        )
+
+
+@dataclass(frozen=True)
+class HostProgress:
+    """Where one host stands in one task.
+
+    Attributes:
+        host: the host id.
+        state: ``admitted`` (holds a slot), ``done``, ``backoff`` (failed, will be retried),
+            ``failed`` (gave up on this host for this task).
+        attempts: failed attempts so far.
+        lease_until: while admitted, when the slot is released without news.
+        next_try_at: while backing off, when the host may be admitted again.
+        started: while admitted, the host was seen working on the order.
+        failures_at_admit: the host's own failure count when it was admitted.
+        reason: why the last attempt failed.
+    """
+
+    host: str
+    state: Literal["admitted", "done", "backoff", "failed"]
+    attempts: int = 0
+    lease_until: float = 0.0
+    next_try_at: float = 0.0
+    started: bool = False
+    failures_at_admit: int = 0
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object for stores and APIs."""
+        return {
+            "host": self.host,
+            "state": self.state,
+            "attempts": self.attempts,
+            "lease_until": self.lease_until,
+            "next_try_at": self.next_try_at,
+            "started": self.started,
+            "failures_at_admit": self.failures_at_admit,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HostProgress:
+        """Read what :meth:`to_json` wrote."""
+        return cls(**data)
+
+    def with_(self, **changes: Any) -> HostProgress:
+        """A copy with ``changes``."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TaskCounters:
+    """How a task is going.
+
+    Attributes:
+        status: ``active``, ``cancelled``, ``halted`` or ``done``.
+        in_flight: hosts holding a slot now.
+        done: hosts that finished.
+        failed: hosts given up on.
+        failures: failed attempts, all hosts together.
+        halt_reason: why the task halted.
+    """
+
+    status: TaskStatus = "active"
+    in_flight: int = 0
+    done: int = 0
+    failed: int = 0
+    failures: int = 0
+    halt_reason: str = ""
+
+
+@dataclass(frozen=True)
+class HostSeen:
+    """The last heartbeat of a host, as the fleet view keeps it."""
+
+    host: str
+    version: str
+    state: str
+    seen_at: float
+    error: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON object for stores and APIs."""
+        return {
+            "host": self.host,
+            "version": self.version,
+            "state": self.state,
+            "seen_at": self.seen_at,
+            "error": self.error,
+            "labels": dict(self.labels),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HostSeen:
+        """Read what :meth:`to_json` wrote."""
+        return cls(**data)
+
+
+_SEED_TYPES = {0: (Role.BIN,), 1: (Role.CFG,), 2: (Role.BIN, Role.CFG)}
+
+
+def task_from_seed(
+    body: object, *, limits: TaskLimits, now: float, task_id: str | None = None
+) -> Task:
+    """Build a task from the falcon API's ``POST /agent/upgrade`` body.
+
+    Artifacts are at ``<wgeturl>/bin_<version>`` and ``<wgeturl>/cfg_<version>``, checked by md5.
+
+    Raises:
+        FieldError: naming the field: ``wgeturl`` or ``version`` missing, ``type`` not 0/1/2,
+            the md5 a type needs missing or not 32 hex digits, a version that is not one, a URL
+            that is not http/https.
+    """
+    if not isinstance(body, Mapping):
+        raise FieldError("body", "must be a JSON object")
+    wgeturl = body.get("wgeturl")
+    version_text = body.get("version")
+    if not isinstance(wgeturl, str) or not wgeturl:
+        raise FieldError("wgeturl", "is required")
+    if not isinstance(version_text, str) or not version_text:
+        raise FieldError("version", "is required")
+    try:
+        version = parse_version(version_text)
+    except ValueError as exc:
+        raise FieldError("version", str(exc)) from None
+    kind = body.get("type", 0)
+    if isinstance(kind, bool) or kind not in _SEED_TYPES:
+        raise FieldError("type", f"must be 0 (bin), 1 (cfg) or 2 (both), got {kind!r}")
+    try:
+        check_url(wgeturl)
+    except ValueError as exc:
+        raise FieldError("wgeturl", str(exc)) from None
+    base = wgeturl.rstrip("/")
+    artifacts = []
+    digests = {}
+    for role in _SEED_TYPES[kind]:
+        name = f"{role.value}file_md5"
+        value = body.get(name)
+        if not isinstance(value, str) or not value:
+            raise FieldError(name, f"is required for type {kind}")
+        try:
+            digest = Digest("md5", value)
+        except ValueError as exc:
+            raise FieldError(name, str(exc)) from None
+        digests[name] = digest.hex
+        artifacts.append(Artifact(role, f"{base}/{role.value}_{version}", digest))
+    for name in ("binfile_md5", "cfgfile_md5"):
+        extra = body.get(name)
+        if extra not in (None, "") and not isinstance(extra, str):
+            raise FieldError(name, "must be a string")
+    seed = seed_args(
+        kind, wgeturl, version_text, digests.get("binfile_md5", ""), digests.get("cfgfile_md5", "")
+    )
+    return Task(
+        id=task_id or secrets.token_hex(8),
+        release=Release(version, tuple(artifacts)),
+        limits=limits,
+        created_at=now,
+        allow_downgrade=bool(body.get("allow_downgrade", False)),
+        seed=seed,
+    )
+
+
+def seed_args(kind: int, wgeturl: str, version: str, bin_md5: str, cfg_md5: str) -> dict[str, Any]:
+    """The falcon ``AgentUpgradeArgs`` object, in its JSON key order."""
+    return {
+        "type": kind,
+        "wgeturl": wgeturl,
+        "version": version,
+        "binfile_md5": bin_md5,
+        "cfgfile_md5": cfg_md5,
+    }

@@ -1,0 +1,70 @@
+"""Small builders shared by the server tests."""
+
+from __future__ import annotations
+
+import hashlib
+
+from selfupgrade import Artifact, Digest, Heartbeat, Release, Role, UpgradeState, parse_version
+from selfupgrade.server import Task, TaskLimits
+
+CFG = b'{"new": true}\n'
+
+
+def task(
+    version: str = "1.1",
+    *,
+    roles: tuple[Role, ...] = (Role.BIN,),
+    limit: int = 2,
+    lease_s: float = 30,
+    attempts: int = 3,
+    backoff_s: float = 10,
+    failure_limit: int = 100,
+    allow_downgrade: bool = False,
+    task_id: str = "t1",
+) -> Task:
+    arts = tuple(
+        Artifact(
+            r,
+            f"http://127.0.0.1:9/{r.value}_{version}",
+            Digest("md5", hashlib.md5(CFG if r == Role.CFG else b"bin").hexdigest()),
+        )
+        for r in roles
+    )
+    return Task(
+        id=task_id,
+        release=Release(parse_version(version), arts),
+        limits=TaskLimits(
+            max_in_flight=limit,
+            lease_s=lease_s,
+            max_attempts=attempts,
+            retry_backoff_s=backoff_s,
+            failure_limit=failure_limit,
+        ),
+        allow_downgrade=allow_downgrade,
+    )
+
+
+def beat(
+    host: str,
+    version: str = "1.0",
+    state: UpgradeState = UpgradeState.IDLE,
+    *,
+    confirmed: bool = True,
+    task_id: str = "",
+    failed_version: str | None = None,
+    failures: int = 0,
+    error: str | None = None,
+    cfg: bytes | None = None,
+) -> Heartbeat:
+    files = {"cfg": {"md5": hashlib.md5(cfg).hexdigest()}} if cfg is not None else {}
+    return Heartbeat(
+        host=host,
+        version=parse_version(version),
+        state=state,
+        confirmed=confirmed,
+        task_id=task_id,
+        failed_version=parse_version(failed_version) if failed_version else None,
+        failures=failures,
+        error=error,
+        files=files,
+    )

@@ -1,0 +1,273 @@
+"""The rollout core and the stores: decisions, atomic admission, leases, back-off, halting."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from selfupgrade import UpgradeState as S
+from selfupgrade.server import (
+    Action,
+    ControlPlane,
+    MemoryStore,
+    PlaneConfig,
+    SqliteStore,
+    StoreError,
+    decide,
+)
+from selfupgrade.server.tasks import HostProgress
+from selfupgrade.models import Role
+
+from .server_helpers import CFG, beat, task
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def plane_with(store, clock: Clock | None = None) -> ControlPlane:  # type: ignore[no-untyped-def]
+    return ControlPlane(store, PlaneConfig(task_cache_s=0), clock=clock or Clock())
+
+
+# ---- decide(): the table ----------------------------------------------------------------
+
+
+def admitted(**kw) -> HostProgress:  # type: ignore[no-untyped-def]
+    return HostProgress("h", "admitted", lease_until=kw.pop("lease_until", 2000.0), **kw)
+
+
+@pytest.mark.parametrize(
+    ("b", "progress", "action"),
+    [
+        (beat("h"), None, Action.ADMIT),
+        (beat("h", "1.1"), None, Action.COMPLETE),
+        (beat("h", "1.1"), HostProgress("h", "done"), Action.NOTHING),
+        (beat("h", "1.1", S.CONFIRMING, confirmed=False), admitted(), Action.RENEW),
+        (beat("h", "1.1", S.CONFIRMING, confirmed=False), None, Action.NOTHING),
+        (beat("h", "2.0"), None, Action.NOTHING),  # newer, no downgrade
+        (beat("h"), HostProgress("h", "failed", attempts=3), Action.NOTHING),
+        (beat("h"), HostProgress("h", "backoff", next_try_at=1500.0), Action.NOTHING),
+        (beat("h"), HostProgress("h", "backoff", next_try_at=999.0), Action.ADMIT),
+        (beat("h", state=S.DOWNLOADING), admitted(), Action.RENEW),
+        (beat("h"), admitted(), Action.RESEND),
+        (beat("h"), admitted(lease_until=1000.0), Action.FAIL),
+        (beat("h", state=S.FAILED, task_id="t1", failures=1), admitted(), Action.FAIL),
+        (
+            beat("h", state=S.FAILED, task_id="t1", failures=1),
+            admitted(failures_at_admit=1),
+            Action.RESEND,
+        ),
+        (
+            beat("h", state=S.ROLLED_BACK, failed_version="1.1", failures=2),
+            admitted(failures_at_admit=1),
+            Action.FAIL,
+        ),
+        (beat("h", state=S.FAILED, failed_version="0.9", failures=5), admitted(), Action.RESEND),
+    ],
+)
+def test_decision_table(b, progress, action) -> None:  # type: ignore[no-untyped-def]
+    assert decide(task(), b, progress, 1000.0).action == action
+
+
+def test_downgrade_only_when_allowed() -> None:
+    assert decide(task(allow_downgrade=True), beat("h", "2.0"), None, 0).action == Action.ADMIT
+
+
+def test_config_only_task_is_done_by_digest() -> None:
+    t = task(roles=(Role.CFG,))
+    assert decide(t, beat("h", "1.0", cfg=b"old"), None, 0).action == Action.ADMIT
+    assert decide(t, beat("h", "1.0", cfg=CFG), None, 0).action == Action.COMPLETE
+    assert decide(t, beat("h", "1.0"), None, 0).action == Action.ADMIT
+
+
+# ---- stores ----------------------------------------------------------------------------
+
+
+def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SqliteStore(tmp_path / "hbs.db")
+    from selfupgrade.server.redis import RedisStore
+
+    return RedisStore(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = make_store(request.param, tmp_path, request)
+    yield s
+    s.close()
+
+
+def test_admission_stops_at_the_limit_and_resumes_when_hosts_finish(store) -> None:  # type: ignore[no-untyped-def]
+    plane = plane_with(store)
+    plane.publish(task(limit=2))
+    got = {h: plane.heartbeat(beat(h)) is not None for h in ("a", "b", "c")}
+    assert got == {"a": True, "b": True, "c": False}
+    assert plane.heartbeat(beat("a")) is not None  # idle but admitted: resent
+    plane.heartbeat(beat("a", "1.1"))  # a is done
+    assert plane.heartbeat(beat("c")) is not None
+    counters = store.counters("t1", 1000.0)
+    assert (counters.in_flight, counters.done) == (2, 1)
+
+
+def test_a_lost_host_releases_only_its_own_slot(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    plane = plane_with(store, clock)
+    plane.publish(task(limit=2, lease_s=30, backoff_s=10))
+    assert plane.heartbeat(beat("lost"))
+    clock.now += 20
+    assert plane.heartbeat(beat("busy"))
+    clock.now += 11  # lost's lease is over; busy's is not
+    assert plane.heartbeat(beat("new")) is not None
+    assert plane.heartbeat(beat("other")) is None  # busy still holds its slot
+    lost = store.progress("t1", "lost")
+    assert lost.state == "backoff" and lost.attempts == 1 and "lease" in lost.reason
+    assert store.progress("t1", "busy").state == "admitted"
+
+
+def test_failures_back_off_then_give_up(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    plane = plane_with(store, clock)
+    plane.publish(task(limit=1, attempts=2, backoff_s=10))
+    assert plane.heartbeat(beat("h"))
+    plane.heartbeat(beat("h", state=S.FAILED, task_id="t1", failures=1, error="md5 mismatch"))
+    p = store.progress("t1", "h")
+    assert (p.state, p.attempts, p.next_try_at, p.reason) == ("backoff", 1, 1010.0, "md5 mismatch")
+    assert plane.heartbeat(beat("h", state=S.FAILED, task_id="t1", failures=1)) is None
+    clock.now += 10
+    assert plane.heartbeat(beat("h", state=S.FAILED, task_id="t1", failures=1))
+    plane.heartbeat(beat("h", state=S.FAILED, task_id="t1", failures=2))
+    assert store.progress("t1", "h").state == "failed"
+    clock.now += 1000
+    assert plane.heartbeat(beat("h")) is None
+    c = store.counters("t1", clock.now)
+    assert (c.failed, c.failures, c.in_flight) == (1, 2, 0)
+
+
+def test_the_task_halts_at_the_failure_limit(store) -> None:  # type: ignore[no-untyped-def]
+    plane = plane_with(store)
+    plane.publish(task(limit=5, failure_limit=2))
+    for h in ("a", "b", "c"):
+        assert plane.heartbeat(beat(h))
+    for h in ("a", "b"):
+        plane.heartbeat(beat(h, state=S.FAILED, task_id="t1", failures=1))
+    c = store.counters("t1", 1000.0)
+    assert c.status == "halted" and "failure limit of 2" in c.halt_reason
+    assert plane.heartbeat(beat("d")) is None
+    assert plane.heartbeat(beat("c")) is None  # no resend after a halt
+    plane.heartbeat(beat("c", "1.1"))
+    assert store.counters("t1", 1000.0).done == 1  # hosts already on their way may finish
+
+
+def test_cancel_frees_every_slot(store) -> None:  # type: ignore[no-untyped-def]
+    plane = plane_with(store)
+    plane.publish(task(limit=3))
+    for h in "abc":
+        plane.heartbeat(beat(h))
+    assert plane.cancel() is not None
+    assert store.active_task() is None
+    assert store.counters("t1", 1000.0).in_flight == 0
+    assert plane.heartbeat(beat("d")) is None
+
+
+def test_publishing_a_new_task_cancels_the_old(store) -> None:  # type: ignore[no-untyped-def]
+    plane = plane_with(store)
+    plane.publish(task(limit=1))
+    plane.heartbeat(beat("a"))
+    plane.publish(task("1.2", limit=1, task_id="t2"))
+    assert store.counters("t1", 1000.0).status == "cancelled"
+    assert plane.heartbeat(beat("b")) is not None  # t1's slot no longer counts
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+def test_admission_is_atomic_under_concurrent_heartbeats(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store = make_store(kind, tmp_path, request)
+    plane = plane_with(store)
+    limit = 7
+    plane.publish(task(limit=limit, lease_s=1e9))
+    stop = threading.Event()
+    peak = 0
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            holders = sum(1 for p in store.all_progress("t1") if p.state == "admitted")
+            peak = max(peak, holders)
+
+    def fleet(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(400):
+            h = f"h{rng.randrange(200)}"
+            if rng.random() < 0.2:
+                plane.heartbeat(beat(h, "1.1"))  # finishes, frees a slot
+            else:
+                plane.heartbeat(beat(h, state=rng.choice([S.IDLE, S.DOWNLOADING])))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    workers = [threading.Thread(target=fleet, args=(i,)) for i in range(16)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    sampler.join()
+    final = store.counters("t1", 1000.0)
+    store.close()
+    assert 0 < peak <= limit
+    assert final.in_flight <= limit
+    assert final.done > 0
+
+
+def test_sqlite_store_survives_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    store = SqliteStore(tmp_path / "hbs.db")
+    plane = plane_with(store, clock)
+    plane.publish(task(limit=2, attempts=3))
+    plane.heartbeat(beat("a"))
+    plane.heartbeat(beat("b"))
+    plane.heartbeat(beat("b", state=S.FAILED, task_id="t1", failures=1))
+    plane.heartbeat(beat("c", "1.1"))
+    plane.flush()
+    store.close()
+
+    again = SqliteStore(tmp_path / "hbs.db")
+    plane2 = plane_with(again, clock)
+    assert again.active_task() == task(limit=2, attempts=3)
+    assert again.progress("t1", "a").state == "admitted"
+    assert again.progress("t1", "b").state == "backoff"
+    c = again.counters("t1", clock.now)
+    assert (c.in_flight, c.done, c.failures) == (1, 1, 1)
+    assert plane2.versions() == {"a": "1.0", "b": "1.0", "c": "1.1"}
+    assert plane2.heartbeat(beat("d")) is not None
+    assert plane2.heartbeat(beat("e")) is None  # a and d hold the two slots
+    again.close()
+
+
+def test_one_sqlite_file_serves_one_process(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "hbs.db")
+    with pytest.raises(StoreError, match="another hbs process uses"):
+        SqliteStore(tmp_path / "hbs.db")
+    first.close()
+    SqliteStore(tmp_path / "hbs.db").close()
+
+
+def test_a_failing_store_fails_closed(tmp_path: Path) -> None:
+    class Broken(MemoryStore):
+        def apply(self, *a, **k):  # type: ignore[no-untyped-def]
+            raise StoreError("redis is down")
+
+    plane = plane_with(Broken())
+    plane.publish(task())
+    assert plane.heartbeat(beat("a")) is None
