@@ -1,8 +1,253 @@
-"""The main demo: ``python -m examples.demo`` (see examples/single_daemon.py)."""
+"""The fleet demo: N falcon agents upgrade themselves through hbs, a few at a time.
+
+    python -m examples.demo                     # 20 agents, 5 upgrading at once, SQLite store
+    python -m examples.demo --redis redis://127.0.0.1:6379/0    # two hbs replicas on Redis
+
+On 127.0.0.1 only: starts hbs (HTTP on the seed's port 6031; 6032 too for the second replica),
+a static artifact server, builds falcon-agent 6.0.0 and 6.0.1 as real artifacts with their
+md5s, installs 6.0.0 on N hosts (directories) and runs the N agents under a real supervisord,
+publishes 6.0.1 with the article's ``POST /agent/upgrade``, and prints the fleet by version,
+the slots in use and the failures every second until every agent runs 6.0.1 and has confirmed
+its health. Then it stops everything it started, by PID, and exits 0 (1 on a timeout).
+"""
 
 from __future__ import annotations
 
-from .single_daemon import main
+import argparse
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from selfupgrade.testing import ArtifactServer, Supervisord, stop_pid
+
+from .falcon_agent.build import build
+
+OLD, NEW = "6.0.0", "6.0.1"
+
+
+def say(text: str) -> None:
+    """Print one line with the time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def hbs_process(port: int, store: str, queue: int, lease_s: float, log_path: Path) -> Iterator[str]:
+    """Run ``python -m examples.hbs_server`` on 127.0.0.1:port; yield its base URL."""
+    if not _port_free(port):
+        raise SystemExit(f"demo: port {port} is taken; pass --port to use another")
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "examples.hbs_server",
+            "--http",
+            f"127.0.0.1:{port}",
+            "--rpc",
+            "off",
+            "--store",
+            store,
+            "--queue",
+            str(queue),
+            "--lease-s",
+            str(lease_s),
+            "--retry-backoff-s",
+            "5",
+            "--log-level",
+            "info",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"demo: hbs did not start; see {log_path}")
+            time.sleep(0.1)
+        say(f"hbs pid {proc.pid} on {base} (store {store})")
+        yield base
+    finally:
+        stop_pid(proc.pid)
+        log.close()
+
+
+def fleet_line(status: dict[str, Any], started: float, n: int) -> str:
+    """One progress line from hbs's status."""
+    versions = status["versions"]
+    c = status["counters"]
+    if status["task"] is None:
+        return f"t={time.monotonic() - started:5.1f}s  this replica has not seen the task yet"
+    bar_len = 30
+    done = min(c["done"], n)
+    bar = "#" * (bar_len * done // n) + "." * (bar_len - bar_len * done // n)
+    by_version = "  ".join(f"{v}: {k:>3}" for v, k in sorted(versions.items()))
+    return (
+        f"[{bar}] t={time.monotonic() - started:5.1f}s  {by_version}  | slots "
+        f"{c['in_flight']}/{status['task']['limits']['max_in_flight']}  done {c['done']}"
+        f"  failed {c['failed']}  failed attempts {c['failures']}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo; see the module docstring."""
+    n, queue = args.agents, args.queue
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="selfupgrade-fleet-")))
+        say(f"fleet demo: {n} agents, {queue} upgrading at once, work dir {tmp}")
+        agent_cfg = {
+            "heartbeat": {"interval": args.interval},
+            "collect_interval": 1,
+            "confirm_timeout_s": 30,
+        }
+        old, new = build(OLD, config=agent_cfg), build(NEW, config=agent_cfg)
+        files = stack.enter_context(ArtifactServer())
+        files.add(f"file/open-falcon/bin_{NEW}", new.program)
+        files.add(f"file/open-falcon/cfg_{NEW}", new.config)
+        wgeturl = f"{files.base_url}/file/open-falcon"
+        say(f"artifact server {wgeturl}/bin_{NEW} (md5 {new.bin_md5})")
+
+        if args.redis:
+            stores = [args.redis, args.redis]
+            ports = [args.port, args.port + 1]
+        else:
+            stores, ports = [f"sqlite:{tmp / 'hbs.db'}"], [args.port]
+        hbs = [
+            stack.enter_context(hbs_process(p, s, queue, args.lease_s, tmp / f"hbs-{p}.log"))
+            for p, s in zip(ports, stores, strict=True)
+        ]
+        if args.redis:
+            say(f"two hbs replicas share {args.redis}: {hbs[0]} and {hbs[1]}")
+
+        sup = Supervisord(tmp / "supervisor")
+        for i in range(1, n + 1):
+            name = f"agent-{i:02d}"
+            home = tmp / "hosts" / name
+            old.install(home / "opt")
+            sup.add_program(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "selfupgrade",
+                    "guard",
+                    "--state-dir",
+                    str(home / "state"),
+                    "--",
+                    str(home / "opt" / "falcon-agent"),
+                    "-c",
+                    str(home / "opt" / "cfg.json"),
+                ],
+                env={
+                    "FALCON_AGENT_HOSTNAME": name,
+                    "FALCON_AGENT_HBS": f"{hbs[i % len(hbs)]}/selfupgrade/v1/heartbeat",
+                    "FALCON_AGENT_STATE_DIR": str(home / "state"),
+                    "FALCON_AGENT_HTTP": "off",
+                    "FALCON_AGENT_RESTARTER": "supervisor",
+                    "FALCON_AGENT_PROGRAM": name,
+                },
+            )
+        stack.enter_context(sup)
+        say(f"supervisord pid {sup.pid} runs {n} agents of version {OLD}")
+
+        client = stack.enter_context(httpx.Client(timeout=5))
+        deadline = time.monotonic() + args.timeout
+        while True:
+            versions = client.get(f"{hbs[-1]}/agentversions").json()["data"]
+            if sum(1 for v in versions.values() if v == OLD) == n:
+                break
+            if time.monotonic() > deadline:
+                say(f"FAILED: only {len(versions)} of {n} agents reported in time")
+                return 1
+            time.sleep(0.2)
+        say(f"all {n} agents heartbeat {OLD}")
+
+        body = {"wgeturl": wgeturl, "version": NEW, "binfile_md5": new.bin_md5}
+        say(f"curl -X POST {hbs[0]}/agent/upgrade -d '{json.dumps(body)}'")
+        reply = client.post(f"{hbs[0]}/agent/upgrade", content=json.dumps(body))
+        say(f"-> {reply.status_code} {reply.text}")
+        if reply.status_code != 200:
+            return 1
+
+        started = time.monotonic()
+        peak = 0
+        ok = False
+        while time.monotonic() < deadline:
+            status = client.get(f"{hbs[-1]}/selfupgrade/v1/status").json()
+            peak = max(peak, status["counters"]["in_flight"])
+            say(fleet_line(status, started, n))
+            if status["counters"]["done"] >= n and status["versions"].get(NEW) == n:
+                ok = True
+                break
+            if status["counters"]["status"] == "halted":
+                say(f"HALTED: {status['counters']['halt_reason']}")
+                break
+            time.sleep(1.0)
+        versions = client.get(f"{hbs[0]}/agentversions").json()["data"]
+        say(
+            f"curl {hbs[0]}/agentversions -> {len(versions)} hosts: "
+            f"{dict(sorted({v: list(versions.values()).count(v) for v in versions.values()}.items()))}"
+        )
+        if not ok:
+            say("FAILED: the fleet did not converge in time; logs in the work dir")
+            for p in ports:
+                print((tmp / f"hbs-{p}.log").read_text()[-3000:], file=sys.stderr)
+            return 1
+        say(
+            f"done: {n} agents upgraded {OLD} -> {NEW} in {time.monotonic() - started:.1f}s, "
+            f"at most {peak} at once (limit {queue})"
+        )
+        say("stopping supervisord (and the agents), hbs and the artifact server")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags and run the demo."""
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.demo", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--agents", type=int, default=20, help="agents in the fleet (default 20)")
+    parser.add_argument("--queue", type=int, default=5, help="agents upgrading at once (default 5)")
+    parser.add_argument("--redis", metavar="URL", help="two hbs replicas sharing this Redis")
+    parser.add_argument("--port", type=int, default=6031, help="hbs's HTTP port (default 6031)")
+    parser.add_argument("--interval", type=float, default=1.0, help="agent heartbeat interval (s)")
+    parser.add_argument("--lease-s", type=float, default=20.0, help="slot lease (s)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
+    args = parser.parse_args(argv)
+    if args.queue >= args.agents:
+        parser.error("--queue must be below --agents, or there is nothing to queue")
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        say("interrupted; everything started was stopped")
+        return 130
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

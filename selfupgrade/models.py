@@ -25,6 +25,7 @@ from packaging.version import Version
 from .errors import InvalidVersion, UnsafePath, UnsafeURL
 
 __all__ = [
+    "FALCON_TYPES",
     "MAX_VERSION_LENGTH",
     "Artifact",
     "Digest",
@@ -37,6 +38,7 @@ __all__ = [
     "Version",
     "check_relative_target",
     "check_url",
+    "falcon_release",
     "parse_version",
 ]
 
@@ -468,3 +470,33 @@ def _string_map(value: object, name: str, max_items: int = 64) -> dict[str, str]
             raise ValueError(f"{name} must map short strings to short strings")
         out[k] = v
     return out
+
+
+FALCON_TYPES: Mapping[int, tuple[Role, ...]] = {
+    0: (Role.BIN,),
+    1: (Role.CFG,),
+    2: (Role.BIN, Role.CFG),
+}
+
+
+def falcon_release(kind: int, wgeturl: str, version: str, bin_md5: str, cfg_md5: str) -> Release:
+    """The release a falcon upgrade instruction describes.
+
+    ``kind`` 0 is the program, 1 the config, 2 both; the files are at
+    ``<wgeturl>/bin_<version>`` and ``<wgeturl>/cfg_<version>``, checked by md5.
+
+    Raises:
+        ValueError: (``InvalidVersion``, ``UnsafeURL`` among them) naming what is wrong.
+    """
+    if isinstance(kind, bool) or kind not in FALCON_TYPES:
+        raise ValueError(f"type must be 0 (bin), 1 (cfg) or 2 (both), got {kind!r}")
+    parsed = parse_version(version)
+    base = check_url(wgeturl).rstrip("/")
+    md5 = {Role.BIN: bin_md5, Role.CFG: cfg_md5}
+    return Release(
+        parsed,
+        tuple(
+            Artifact(role, f"{base}/{role.value}_{version}", Digest("md5", md5[role]))
+            for role in FALCON_TYPES[kind]
+        ),
+    )

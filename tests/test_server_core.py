@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from selfupgrade import UpgradeState as S
+from selfupgrade.models import Role
 from selfupgrade.server import (
     Action,
     ControlPlane,
@@ -19,7 +20,6 @@ from selfupgrade.server import (
     decide,
 )
 from selfupgrade.server.tasks import HostProgress
-from selfupgrade.models import Role
 
 from .server_helpers import CFG, beat, task
 

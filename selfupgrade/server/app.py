@@ -42,9 +42,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "selfupgrade.server.app needs the 'server' extra: pip install 'selfupgrade[server]'"
     ) from exc
 
-from ..models import Heartbeat, Role
+from ..models import Heartbeat
 from .plane import ControlPlane
-from .tasks import FieldError, Task, seed_args
+from .tasks import FieldError, seed_args
 
 __all__ = ["AppConfig", "create_app"]
 
@@ -135,7 +135,7 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
                 task = plane.publish_seed(body)
             except FieldError as exc:
                 raise _HttpError(400, str(exc), exc.field) from None
-            return _success({**_seed_view(task), "task_id": task.id})
+            return _success({**(task.seed_view() or {}), "task_id": task.id})
         if request.method == "DELETE":
             require_admin(request)
             cancelled = plane.cancel()
@@ -146,7 +146,8 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
 
     async def nowargs(request: Request) -> Response:
         task = plane.active_task()
-        return _success(_seed_view(task) if task is not None else seed_args(0, "", "", "", ""))
+        view = task.seed_view() if task is not None else None
+        return _success(view or seed_args(0, "", "", "", ""))
 
     async def agentversions(request: Request) -> Response:
         return _success(plane.versions())
@@ -201,24 +202,6 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
             Route("/health", guarded(health), methods=["GET"]),
         ],
         lifespan=lifespan,
-    )
-
-
-def _seed_view(task: Task) -> dict[str, Any]:
-    """The task as the falcon API shows it (``type``, ``wgeturl``, md5s)."""
-    if task.seed is not None:
-        return dict(task.seed)
-    bin_artifact = task.release.artifact(Role.BIN)
-    cfg_artifact = task.release.artifact(Role.CFG)
-    kind = 2 if bin_artifact and cfg_artifact else (1 if cfg_artifact else 0)
-    first = bin_artifact or cfg_artifact
-    wgeturl = first.url.rsplit("/", 1)[0] if first else ""
-    return seed_args(
-        kind,
-        wgeturl,
-        str(task.version),
-        bin_artifact.digest.hex if bin_artifact and bin_artifact.digest.algorithm == "md5" else "",
-        cfg_artifact.digest.hex if cfg_artifact and cfg_artifact.digest.algorithm == "md5" else "",
     )
 
 

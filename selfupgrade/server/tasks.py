@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from ..models import (
-    Artifact,
+    FALCON_TYPES,
     Digest,
     Heartbeat,
     Release,
@@ -25,6 +25,7 @@ from ..models import (
     UpgradeOrder,
     Version,
     check_url,
+    falcon_release,
     parse_version,
 )
 
@@ -124,6 +125,24 @@ class Task:
             if have is None or not artifact.digest.matches(have):
                 return False
         return True
+
+    def seed_view(self) -> dict[str, Any] | None:
+        """The task as the falcon protocol shows it (``type``, ``wgeturl``, ``version``,
+        md5s), or ``None`` when it cannot be said that way (no md5, another URL layout)."""
+        if self.seed is not None:
+            return dict(self.seed)
+        by_role = {a.role: a for a in self.release.artifacts}
+        kind = next((k for k, roles in FALCON_TYPES.items() if set(roles) == set(by_role)), None)
+        if kind is None or any(a.digest.algorithm != "md5" for a in by_role.values()):
+            return None
+        first = next(iter(by_role.values()))
+        wgeturl = first.url.rpartition("/")[0]
+        if any(a.url != f"{wgeturl}/{a.role.value}_{self.version}" for a in by_role.values()):
+            return None
+        md5 = {role: a.digest.hex for role, a in by_role.items()}
+        return seed_args(
+            kind, wgeturl, str(self.version), md5.get(Role.BIN, ""), md5.get(Role.CFG, "")
+        )
 
     def to_json(self) -> dict[str, Any]:
         """A JSON object that :meth:`from_json` reads back."""
@@ -253,9 +272,6 @@ class HostSeen:
         return cls(**data)
 
 
-_SEED_TYPES = {0: (Role.BIN,), 1: (Role.CFG,), 2: (Role.BIN, Role.CFG)}
-
-
 def task_from_seed(
     body: object, *, limits: TaskLimits, now: float, task_id: str | None = None
 ) -> Task:
@@ -277,44 +293,42 @@ def task_from_seed(
     if not isinstance(version_text, str) or not version_text:
         raise FieldError("version", "is required")
     try:
-        version = parse_version(version_text)
+        parse_version(version_text)
     except ValueError as exc:
         raise FieldError("version", str(exc)) from None
     kind = body.get("type", 0)
-    if isinstance(kind, bool) or kind not in _SEED_TYPES:
+    if isinstance(kind, bool) or kind not in FALCON_TYPES:
         raise FieldError("type", f"must be 0 (bin), 1 (cfg) or 2 (both), got {kind!r}")
     try:
         check_url(wgeturl)
     except ValueError as exc:
         raise FieldError("wgeturl", str(exc)) from None
-    base = wgeturl.rstrip("/")
-    artifacts = []
-    digests = {}
-    for role in _SEED_TYPES[kind]:
-        name = f"{role.value}file_md5"
-        value = body.get(name)
-        if not isinstance(value, str) or not value:
-            raise FieldError(name, f"is required for type {kind}")
-        try:
-            digest = Digest("md5", value)
-        except ValueError as exc:
-            raise FieldError(name, str(exc)) from None
-        digests[name] = digest.hex
-        artifacts.append(Artifact(role, f"{base}/{role.value}_{version}", digest))
-    for name in ("binfile_md5", "cfgfile_md5"):
-        extra = body.get(name)
-        if extra not in (None, "") and not isinstance(extra, str):
+    digests = {"binfile_md5": "", "cfgfile_md5": ""}
+    for name in digests:
+        value = body.get(name, "")
+        if not isinstance(value, str):
             raise FieldError(name, "must be a string")
-    seed = seed_args(
-        kind, wgeturl, version_text, digests.get("binfile_md5", ""), digests.get("cfgfile_md5", "")
+        needed = Role(name[:3]) in FALCON_TYPES[kind]
+        if needed and not value:
+            raise FieldError(name, f"is required for type {kind}")
+        if needed:
+            try:
+                digests[name] = Digest("md5", value).hex
+            except ValueError as exc:
+                raise FieldError(name, str(exc)) from None
+    allow_downgrade = body.get("allow_downgrade", False)
+    if not isinstance(allow_downgrade, bool):
+        raise FieldError("allow_downgrade", "must be true or false")
+    release = falcon_release(
+        kind, wgeturl, version_text, digests["binfile_md5"], digests["cfgfile_md5"]
     )
     return Task(
         id=task_id or secrets.token_hex(8),
-        release=Release(version, tuple(artifacts)),
+        release=release,
         limits=limits,
         created_at=now,
-        allow_downgrade=bool(body.get("allow_downgrade", False)),
-        seed=seed,
+        allow_downgrade=allow_downgrade,
+        seed=seed_args(kind, wgeturl, version_text, digests["binfile_md5"], digests["cfgfile_md5"]),
     )
 
 

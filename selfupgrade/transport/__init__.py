@@ -1,6 +1,15 @@
 """The Transport role: heartbeats to the control server, and fetching artifacts."""
 
 from .base import ByteSink, Fetcher, Transport
+from .falcon_rpc import FalconRpcTransport
 from .http import HttpFetcher, HttpSettings, HttpTransport
 
-__all__ = ["ByteSink", "Fetcher", "HttpFetcher", "HttpSettings", "HttpTransport", "Transport"]
+__all__ = [
+    "ByteSink",
+    "FalconRpcTransport",
+    "Fetcher",
+    "HttpFetcher",
+    "HttpSettings",
+    "HttpTransport",
+    "Transport",
+]

@@ -1,0 +1,193 @@
+"""hbs: the control server of a fleet, built on selfupgrade.server.
+
+Serves the falcon API on HTTP (default 127.0.0.1:6031) and the falcon agents' JSON-RPC
+heartbeat on TCP (default 127.0.0.1:6030), with tasks and leases in an embedded SQLite file or
+in Redis (several hbs processes then share them). Run ``python -m examples.hbs_server --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from selfupgrade.server import ControlPlane, PlaneConfig, SqliteStore, Store, TaskLimits
+from selfupgrade.server.app import AppConfig, create_app
+from selfupgrade.server.falcon_rpc import serve_falcon_rpc
+
+log = logging.getLogger("hbs")
+
+DEFAULTS: dict[str, Any] = json.loads((Path(__file__).with_name("cfg.json")).read_text())
+
+HELP = """\
+configuration (cfg.json keys; a flag overrides its key):
+  http.listen                  --http HOST:PORT     the HTTP API (falcon routes, heartbeats)
+  rpc.listen, rpc.enabled      --rpc HOST:PORT|off  falcon agents' JSON-RPC heartbeat (TCP)
+  store                        --store URL          sqlite:PATH (one hbs) or redis://HOST:PORT/DB
+  agent_update_queue_length    --queue N            hosts upgrading at once (slots)
+  lease_s                      --lease-s S          a slot is freed after S seconds without news
+  max_attempts                 --max-attempts N     failed attempts before a host is given up on
+  retry_backoff_s              --retry-backoff-s S  wait before a failed host is retried (doubles)
+  failure_limit                --failure-limit N    failed attempts after which the task halts
+  admin_token                  --admin-token T      admin routes also need 'Bearer T'
+  loopback_admin_only                               admin routes answer only local callers
+  max_body_bytes                                    larger request bodies get 413
+  log_level                    --log-level LEVEL    debug, info, warning, error
+
+publish, watch, cancel (the article's own commands):
+  curl -X POST http://127.0.0.1:6031/agent/upgrade -d '{"wgeturl":"http://files/agent","version":"6.0.1","binfile_md5":"..."}'
+  curl http://127.0.0.1:6031/agentversions
+  curl -X DELETE http://127.0.0.1:6031/agent/upgrade
+"""
+
+
+@dataclass(frozen=True)
+class Config:
+    """hbs settings, from cfg.json and flags."""
+
+    http: tuple[str, int]
+    rpc: tuple[str, int] | None
+    store: str
+    limits: TaskLimits
+    app: AppConfig
+    log_level: str
+
+
+def _address(text: str, name: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"hbs: {name} must be HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - only if the operator says so
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Read cfg.json and the flags."""
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.hbs_server",
+        description="hbs: publish upgrades to a fleet and admit hosts a few at a time.",
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-c", "--config", type=Path, help="cfg.json (default: built-in defaults)")
+    parser.add_argument("--http")
+    parser.add_argument("--rpc")
+    parser.add_argument("--store")
+    parser.add_argument("--queue", type=int)
+    parser.add_argument("--lease-s", type=float)
+    parser.add_argument("--max-attempts", type=int)
+    parser.add_argument("--retry-backoff-s", type=float)
+    parser.add_argument("--failure-limit", type=int)
+    parser.add_argument("--admin-token")
+    parser.add_argument("--log-level")
+    args = parser.parse_args(argv)
+    cfg = dict(DEFAULTS)
+    if args.config:
+        try:
+            cfg.update(json.loads(args.config.read_text()))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"hbs: cannot read {args.config}: {exc}") from None
+    http = _address(args.http or cfg["http"]["listen"], "http.listen")
+    rpc_text = args.rpc or (cfg["rpc"]["listen"] if cfg["rpc"].get("enabled", True) else "off")
+    rpc = None if rpc_text == "off" else _address(rpc_text, "rpc.listen")
+
+    def pick(flag: Any, key: str) -> Any:
+        return flag if flag is not None else cfg[key]
+
+    try:
+        limits = TaskLimits(
+            max_in_flight=pick(args.queue, "agent_update_queue_length"),
+            lease_s=pick(args.lease_s, "lease_s"),
+            max_attempts=pick(args.max_attempts, "max_attempts"),
+            retry_backoff_s=pick(args.retry_backoff_s, "retry_backoff_s"),
+            failure_limit=pick(args.failure_limit, "failure_limit"),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"hbs: invalid setting {exc}") from None
+    return Config(
+        http=http,
+        rpc=rpc,
+        store=pick(args.store, "store"),
+        limits=limits,
+        app=AppConfig(
+            admin_token=pick(args.admin_token, "admin_token"),
+            loopback_admin_only=bool(cfg["loopback_admin_only"]),
+            max_body_bytes=int(cfg["max_body_bytes"]),
+        ),
+        log_level=pick(args.log_level, "log_level"),
+    )
+
+
+def open_store(url: str) -> Store:
+    """``sqlite:PATH`` or ``redis://...``."""
+    if url.startswith("sqlite:"):
+        return SqliteStore(url[len("sqlite:") :].removeprefix("//"))
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from selfupgrade.server.redis import RedisStore
+
+        return RedisStore(url)
+    raise SystemExit(f"hbs: store must be sqlite:PATH or redis://HOST:PORT/DB, got {url!r}")
+
+
+async def serve(cfg: Config) -> None:
+    """Run the HTTP API and the RPC listener until SIGINT/SIGTERM."""
+    store = open_store(cfg.store)
+    plane = ControlPlane(store, PlaneConfig(limits=cfg.limits))
+    rpc = await serve_falcon_rpc(plane, *cfg.rpc) if cfg.rpc else None
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(plane, cfg.app),
+            host=cfg.http[0],
+            port=cfg.http[1],
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_level="warning",
+            timeout_keep_alive=30,
+            backlog=4096,
+        )
+    )
+    log.info(
+        "hbs on http://%s:%d%s, store %s, %d slots, lease %gs",
+        *cfg.http,
+        f", rpc {cfg.rpc[0]}:{cfg.rpc[1]}" if cfg.rpc else "",
+        cfg.store,
+        cfg.limits.max_in_flight,
+        cfg.limits.lease_s,
+    )
+    try:
+        await server.serve()
+    finally:
+        if rpc is not None:
+            rpc.close()
+            await rpc.wait_closed()
+        plane.flush()
+        store.close()
+        log.info("hbs stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    cfg = parse_args(argv)
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s hbs %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        log.warning("uvloop is not installed; using the default event loop (slower)")
+    try:
+        asyncio.run(serve(cfg))
+    except KeyboardInterrupt:
+        pass
+    return 0
