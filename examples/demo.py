@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,10 +211,8 @@ def run(args: argparse.Namespace) -> int:
                 break
             time.sleep(1.0)
         versions = client.get(f"{hbs[0]}/agentversions").json()["data"]
-        say(
-            f"curl {hbs[0]}/agentversions -> {len(versions)} hosts: "
-            f"{dict(sorted({v: list(versions.values()).count(v) for v in versions.values()}.items()))}"
-        )
+        counts = Counter(versions.values())
+        say(f"curl {hbs[0]}/agentversions -> {len(versions)} hosts: {dict(sorted(counts.items()))}")
         if not ok:
             say("FAILED: the fleet did not converge in time; logs in the work dir")
             for p in ports:

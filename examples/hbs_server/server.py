@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -186,8 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         log.warning("uvloop is not installed; using the default event loop (slower)")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(cfg))
-    except KeyboardInterrupt:
-        pass
     return 0
