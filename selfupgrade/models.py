@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ MAX_VERSION_LENGTH = 64
 """Longest version string accepted. Real versions are short; a long one is an attack or a bug."""
 
 _HOSTILE_VERSION = re.compile(r"[/\\\x00\s]|\.\.")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 
 HashAlgorithm = Literal["md5", "sha256", "sha512"]
 _HEX_LENGTH: dict[str, int] = {"md5": 32, "sha256": 64, "sha512": 128}
@@ -91,9 +94,25 @@ def check_url(url: object) -> str:
         raise UnsafeURL(f"URL {url!r}: only http and https are allowed", url=url)
     if not parts.hostname:
         raise UnsafeURL(f"URL {url!r} has no host", url=url)
+    if not _HOSTNAME.fullmatch(parts.hostname) and not _is_ip(parts.hostname):
+        raise UnsafeURL(
+            f"URL {url!r}: {parts.hostname!r} is not a host name or an IP address", url=url
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise UnsafeURL(f"URL {url!r} has an invalid port", url=url) from None
     if parts.username is not None or parts.password is not None:
         raise UnsafeURL(f"URL {url!r} carries credentials; configure them instead", url=url)
     return url
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def check_relative_target(target: object) -> str:

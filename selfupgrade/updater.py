@@ -194,6 +194,7 @@ class Updater:
         self._failed_version: Version | None = None
         self._failures: dict[str, FailureRecord] = {}
         self._on_trial = False
+        self._installed = False  # new files are in place; this process is about to restart
         self._trial_deadline: float | None = None
         self._beat_ok = False
         self._started = False
@@ -240,7 +241,7 @@ class Updater:
                 failed_version=self._failed_version,
                 labels=self.config.labels,
                 files={r.value: d for r, d in self._installed_digests(_SMALL_ROLES).items()},
-                confirmed=not self._on_trial,
+                confirmed=not (self._on_trial or self._installed),
                 failures=self._failure_count(),
             )
 
@@ -426,6 +427,7 @@ class Updater:
             self._set(UpgradeState.IDLE)
             return False
         self.upgrades += 1
+        self._installed = True
         self._restart(f"installed {order.version}")
         return True
 

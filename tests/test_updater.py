@@ -11,12 +11,14 @@ import pytest
 
 from selfupgrade import (
     ConfirmPolicy,
+    Heartbeat,
     Layout,
     Role,
     SelfUpgradeError,
     TripleInstaller,
     Updater,
     UpdaterConfig,
+    UpgradeOrder,
     UpgradeState,
 )
 from selfupgrade.testing import (
@@ -268,21 +270,38 @@ def test_transport_failures_do_not_stop_the_thread(tmp: Path) -> None:
 
 
 def test_asyncio_form_runs_without_blocking_the_loop(tmp: Path) -> None:
-    updater, transport, restarter = make(tmp, order=NEW.order(BASE))
-    ticks = 0
+    """The first heartbeat blocks until the event loop has run 20 more steps: only possible if
+    run() does its blocking work outside the loop (it would deadlock otherwise)."""
+    beating = threading.Event()
+    release = threading.Event()
+    blocked: list[bool] = []
+
+    class Blocking(FakeTransport):
+        def heartbeat(self, beat: Heartbeat) -> UpgradeOrder | None:
+            beating.set()
+            if not release.wait(5):
+                blocked.append(True)
+                raise TimeoutError("the event loop was blocked")
+            return super().heartbeat(beat)
+
+    transport = Blocking(NEW.order(BASE))
+    updater, _, restarter = make(tmp)
+    updater._transport = transport
 
     async def main() -> None:
-        nonlocal ticks
         task = asyncio.create_task(updater.run())
-        deadline = time.monotonic() + 10
-        while restarter.restarts == 0 and time.monotonic() < deadline:
-            ticks += 1  # the daemon's own work keeps running
+        while not beating.is_set():
+            await asyncio.sleep(0.001)
+        for _ in range(20):  # the daemon's own work keeps running during the heartbeat
+            await asyncio.sleep(0)
+        release.set()
+        while restarter.restarts == 0:
             await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(main())
+    asyncio.run(asyncio.wait_for(main(), 20))
+    assert blocked == [], "the heartbeat blocked the event loop"
     assert restarter.restarts == 1
-    assert ticks > 10
     assert transport.closed

@@ -3,10 +3,12 @@
 A process cannot ask supervisord to stop and then start *itself* in one call: the stop kills
 the caller before it could ask for the start. So in ``"rpc"`` mode the restarter first checks,
 over XML-RPC, that supervisord runs this very process under ``program`` (a clear error
-otherwise), then leaves a small detached helper (``python -m selfupgrade.restart.supervisor``)
-that calls ``supervisor.stopProcess`` and ``supervisor.startProcess`` and exits. This works
-whatever ``autorestart`` says. In ``"exit"`` mode it just exits and relies on
-``autorestart=true``.
+otherwise), then leaves a small detached helper
+(``python -m selfupgrade.restart._supervisor_helper``) that calls ``supervisor.stopProcess``
+and ``supervisor.startProcess`` and exits. This works whatever ``autorestart`` says. If the
+process is still alive ``grace_s`` later (the helper failed), it exits, so that autorestart
+and the guard take over rather than leaving it half-way. In ``"exit"`` mode it just exits and
+relies on ``autorestart=true``.
 
 Only the standard library's ``xmlrpc.client`` is used; ``unix://`` and ``http://`` server URLs
 are both understood.
@@ -20,7 +22,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import threading
 import xmlrpc.client
 from typing import Any, Literal
 
@@ -84,8 +86,9 @@ class SupervisorRestarter:
         server_url: supervisord's XML-RPC address; default ``$SUPERVISOR_SERVER_URL``, which
             supervisord sets for the programs it runs.
         how: ``"rpc"`` (stop and start through XML-RPC) or ``"exit"`` (rely on autorestart).
-        exit_code: the code for ``"exit"`` mode.
+        exit_code: the code for ``"exit"`` mode and for the exit after ``grace_s``.
         timeout_s: for each XML-RPC call.
+        grace_s: how long to wait for supervisord to stop this process in ``"rpc"`` mode.
         system: the seam for exits.
     """
 
@@ -97,9 +100,11 @@ class SupervisorRestarter:
         how: Literal["rpc", "exit"] = "rpc",
         exit_code: int = 0,
         timeout_s: float = 10.0,
+        grace_s: float = 60.0,
         system: System | None = None,
     ) -> None:
         self.program = program
+        self._grace_s = grace_s
         self.server_url = server_url or os.environ.get("SUPERVISOR_SERVER_URL", "")
         self._how = how
         self._exit_code = exit_code
@@ -140,7 +145,7 @@ class SupervisorRestarter:
             [
                 sys.executable,
                 "-m",
-                "selfupgrade.restart.supervisor",
+                "selfupgrade.restart._supervisor_helper",
                 self.server_url,
                 self.program,
                 str(self._timeout_s),
@@ -149,31 +154,14 @@ class SupervisorRestarter:
             stdin=subprocess.DEVNULL,
             close_fds=True,
         )
+        timer = threading.Timer(self._grace_s, self._gave_up)
+        timer.daemon = True
+        timer.start()
 
-
-def _helper(url: str, program: str, timeout_s: float) -> int:
-    proxy = supervisor_proxy(url, timeout_s=timeout_s)
-    deadline = time.monotonic() + 60
-    try:
-        proxy.supervisor.stopProcess(program, True)
-    except xmlrpc.client.Fault as fault:
-        if "NOT_RUNNING" not in fault.faultString:
-            print(
-                f"selfupgrade: stopProcess({program}) failed: {fault.faultString}", file=sys.stderr
-            )
-    while time.monotonic() < deadline:
-        try:
-            proxy.supervisor.startProcess(program, True)
-            return 0
-        except xmlrpc.client.Fault as fault:
-            if "ALREADY_STARTED" in fault.faultString:
-                return 0
-            time.sleep(0.2)
-        except OSError:
-            time.sleep(0.2)
-    print(f"selfupgrade: could not start {program} again through {url}", file=sys.stderr)
-    return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(_helper(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    def _gave_up(self) -> None:
+        log.error(
+            "supervisord did not restart %s within %gs; exiting so autorestart takes over",
+            self.program,
+            self._grace_s,
+        )
+        self._sys.exit_now(self._exit_code)

@@ -7,8 +7,9 @@ task's limit whatever the number of concurrent heartbeats or hbs processes.
 
 The rules, in order:
 
-1. The host already has the task's result: once it has confirmed its health, it is done (its
-   slot is released); while it is on trial, its slot is renewed.
+1. The host already has the task's result: once it has confirmed its health (and is not in
+   the middle of restarting into it), it is done and its slot is released; until then its slot
+   is renewed.
 2. Given up on this host for this task: nothing.
 3. It holds a slot:
    * it reports a *new* failure of this task (its failure count grew since it was admitted):
@@ -73,7 +74,7 @@ class Decision:
 def decide(task: Task, beat: Heartbeat, progress: HostProgress | None, now: float) -> Decision:
     """Decide what one heartbeat means for one task; see the module docstring."""
     if task.done_for(beat):
-        if not beat.confirmed:
+        if not beat.confirmed or beat.state in WORKING_STATES:
             if progress is not None and progress.state == "admitted":
                 return Decision(Action.RENEW)
             return Decision(Action.NOTHING)
