@@ -36,6 +36,6 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The demo: a daemon upgrading itself, every step printed."""
-    session.install("-e", ".[supervisor]")
+    """The fleet demo: N agents upgrade themselves through hbs (arguments go to the demo)."""
+    session.install("-e", ".[server,redis,supervisor]")
     session.run("python", "-m", "examples.demo", *session.posargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -25,6 +26,11 @@ from selfupgrade.testing import ArtifactServer, Fault
 from .fleet import AGENT_CFG, NEW, OLD, Fleet, Hbs, Sampler, serve_release, wait_until
 
 pytestmark = pytest.mark.real
+
+
+ADMITTED_HOSTS = (
+    "SELECT host FROM progress WHERE task_id = ? AND json_extract(body, '$.state') = 'admitted'"
+)
 
 
 def sqlite_holders(db_path: Path, task_id: str):  # type: ignore[no-untyped-def]
@@ -126,26 +132,16 @@ def test_an_agent_killed_mid_download_frees_its_slot_after_its_lease(
         probe = sqlite_holders(db, task_id)
         wait_until(
             "two agents downloading",
-            lambda: (
-                probe() == 2 and list(hbs.status()["states"].items()).count(("downloading", 2)) == 1
-            ),
+            lambda: probe() == 2 and hbs.status()["states"].get("downloading") == 2,
             30,
         )
 
         def admitted() -> set[str]:
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
-                return {
-                    h
-                    for (h,) in c.execute(
-                        "SELECT host FROM progress WHERE task_id = ? AND json_extract(body, '$.state') = 'admitted'",
-                        (task_id,),
-                    )
-                }
+                return {h for (h,) in c.execute(ADMITTED_HOSTS, (task_id,))}
 
         victim = sorted(admitted())[0]
         pid = fleet.pid(victim)
-        import os
-
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         time.sleep(lease_s / 2)
