@@ -17,22 +17,19 @@ import argparse
 import contextlib
 import json
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from selfupgrade.testing import ArtifactServer, Supervisord, stop_pid
+from selfupgrade.testing import ArtifactServer
 
 from .falcon_agent.build import build
-
-OLD, NEW = "6.0.0", "6.0.1"
+from .fleet import NEW, OLD, Fleet, Hbs
 
 
 def say(text: str) -> None:
@@ -47,56 +44,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-@contextlib.contextmanager
-def hbs_process(port: int, store: str, queue: int, lease_s: float, log_path: Path) -> Iterator[str]:
-    """Run ``python -m examples.hbs_server`` on 127.0.0.1:port; yield its base URL."""
-    if not _port_free(port):
-        raise SystemExit(f"demo: port {port} is taken; pass --port to use another")
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "examples.hbs_server",
-            "--http",
-            f"127.0.0.1:{port}",
-            "--rpc",
-            "off",
-            "--store",
-            store,
-            "--queue",
-            str(queue),
-            "--lease-s",
-            str(lease_s),
-            "--retry-backoff-s",
-            "5",
-            "--log-level",
-            "info",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"demo: hbs did not start; see {log_path}")
-            time.sleep(0.1)
-        say(f"hbs pid {proc.pid} on {base} (store {store})")
-        yield base
-    finally:
-        stop_pid(proc.pid)
-        log.close()
 
 
 def fleet_line(status: dict[str, Any], started: float, n: int) -> str:
@@ -139,43 +86,28 @@ def run(args: argparse.Namespace) -> int:
             ports = [args.port, args.port + 1]
         else:
             stores, ports = [f"sqlite:{tmp / 'hbs.db'}"], [args.port]
-        hbs = [
-            stack.enter_context(hbs_process(p, s, queue, args.lease_s, tmp / f"hbs-{p}.log"))
-            for p, s in zip(ports, stores, strict=True)
-        ]
+        hbs = []
+        for port, store in zip(ports, stores, strict=True):
+            if not _port_free(port):
+                raise SystemExit(f"demo: port {port} is taken; pass --port to use another")
+            server = Hbs(
+                store,
+                tmp / f"hbs-{port}.log",
+                port=port,
+                queue=queue,
+                lease_s=args.lease_s,
+                retry_backoff_s=5,
+            )
+            stack.enter_context(server)
+            say(
+                f"hbs pid {server.proc.pid if server.proc else '?'} on {server.url} (store {store})"
+            )
+            hbs.append(server.url)
         if args.redis:
             say(f"two hbs replicas share {args.redis}: {hbs[0]} and {hbs[1]}")
 
-        sup = Supervisord(tmp / "supervisor")
-        for i in range(1, n + 1):
-            name = f"agent-{i:02d}"
-            home = tmp / "hosts" / name
-            old.install(home / "opt")
-            sup.add_program(
-                name,
-                [
-                    sys.executable,
-                    "-m",
-                    "selfupgrade",
-                    "guard",
-                    "--state-dir",
-                    str(home / "state"),
-                    "--",
-                    str(home / "opt" / "falcon-agent"),
-                    "-c",
-                    str(home / "opt" / "cfg.json"),
-                ],
-                env={
-                    "FALCON_AGENT_HOSTNAME": name,
-                    "FALCON_AGENT_HBS": f"{hbs[i % len(hbs)]}/selfupgrade/v1/heartbeat",
-                    "FALCON_AGENT_STATE_DIR": str(home / "state"),
-                    "FALCON_AGENT_HTTP": "off",
-                    "FALCON_AGENT_RESTARTER": "supervisor",
-                    "FALCON_AGENT_PROGRAM": name,
-                },
-            )
-        stack.enter_context(sup)
-        say(f"supervisord pid {sup.pid} runs {n} agents of version {OLD}")
+        fleet = stack.enter_context(Fleet(tmp, n, hbs, old=old))
+        say(f"supervisord pid {fleet.sup.pid} runs {n} agents of version {OLD}")
 
         client = stack.enter_context(httpx.Client(timeout=5))
         deadline = time.monotonic() + args.timeout

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from selfupgrade import Role, TripleInstaller
+from selfupgrade.guard import guard_command
 from selfupgrade.testing import ArtifactServer, ControlServer, ServiceHarness, toy_release
 
 
@@ -39,16 +40,7 @@ def main(timeout_s: float = 60.0) -> int:
             arts.add(new.artifact_name(role), new.files[role])
         say(f"artifact server {arts.base_url} serves bin_1.1, cfg_1.1, service_1.1")
         say(f"control server {hbs.url}")
-        cmd = [
-            sys.executable,
-            "-m",
-            "selfupgrade",
-            "guard",
-            "--state-dir",
-            str(state),
-            "--",
-            str(install / "toyd"),
-        ]
+        cmd = guard_command(state, [str(install / "toyd")])
         env = {"TOY_HOST": "demo-host", "TOY_HBS": hbs.url, "TOY_STATE_DIR": str(state)}
         with ServiceHarness(cmd, env=env, log_path=root / "toyd.log") as svc:
             svc.wait_for_notification("READY=1", timeout_s=timeout_s)

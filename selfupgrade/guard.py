@@ -29,9 +29,23 @@ import psutil
 
 from .install.triple import TripleInstaller
 
-__all__ = ["guard", "watch"]
+__all__ = ["guard", "guard_command", "watch"]
 
 log = logging.getLogger("selfupgrade.guard")
+
+
+def guard_command(state_dir: str | Path, argv: Sequence[str]) -> list[str]:
+    """The command line that starts ``argv`` through the guard, with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "selfupgrade",
+        "guard",
+        "--state-dir",
+        str(state_dir),
+        "--",
+        *argv,
+    ]
 
 
 def guard(state_dir: Path, command: Sequence[str], *, watch_trial: bool = True) -> int:

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from selfupgrade import ConfirmPolicy, Role, StagedFile, TripleInstaller
-from selfupgrade.testing import TOY_FILES, CrashingSystem, toy_release
+from selfupgrade import ConfirmPolicy, TripleInstaller
+from selfupgrade.testing import CrashingSystem, toy_release
 
 mode, state_dir, install_dir, crash_at = (
     sys.argv[1],
@@ -22,12 +22,7 @@ mode, state_dir, install_dir, crash_at = (
 system = CrashingSystem(crash_at)
 installer = TripleInstaller(state_dir, system=system)
 if mode == "install":
-    staged = []
-    for role in Role:
-        target = install_dir / TOY_FILES[role]
-        path = installer.staging_path(target)
-        path.write_bytes(toy_release("1.1").files[role])
-        staged.append(StagedFile(role, target, path))
+    staged = toy_release("1.1").stage(installer, install_dir)
     installer.install("1.1", staged, from_version="1.0", confirm=ConfirmPolicy(max_starts=1))
 elif mode == "rollback":
     installer.rollback("crash test")

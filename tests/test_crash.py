@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from selfupgrade import ConfirmPolicy, Role, StagedFile, TripleInstaller
+from selfupgrade import ConfirmPolicy, Role, TripleInstaller
 from selfupgrade.testing import TOY_FILES, CrashingSystem, RecordingSystem, toy_release
 
 CHILD = str(Path(__file__).with_name("crash_child.py"))
@@ -72,21 +72,11 @@ def fresh(base: Path) -> tuple[Path, Path]:
     return base / "state", install
 
 
-def _stage(inst: TripleInstaller, install: Path) -> list[StagedFile]:
-    staged = []
-    for role in Role:
-        target = install / TOY_FILES[role]
-        p = inst.staging_path(target)
-        p.write_bytes(NEW.files[role])
-        staged.append(StagedFile(role, target, p))
-    return staged
-
-
 def installed(base: Path, system: RecordingSystem | None = None) -> tuple[Path, Path]:
     state, install = fresh(base)
     inst = TripleInstaller(state, system=system)
     inst.install(
-        "1.1", _stage(inst, install), from_version="1.0", confirm=ConfirmPolicy(max_starts=1)
+        "1.1", NEW.stage(inst, install), from_version="1.0", confirm=ConfirmPolicy(max_starts=1)
     )
     return state, install
 
@@ -111,7 +101,9 @@ def _checkpoints() -> dict[str, list[str]]:
         crash = CrashingSystem(out["install"].index("swap:bin") + 1, on_crash=_die)
         inst = TripleInstaller(state, system=crash)
         with contextlib.suppress(_Killed):
-            inst.install("1.1", _stage(inst, install), from_version="1.0", confirm=ConfirmPolicy())
+            inst.install(
+                "1.1", NEW.stage(inst, install), from_version="1.0", confirm=ConfirmPolicy()
+            )
         rec = RecordingSystem()
         TripleInstaller(state, system=rec).recover()
         out["recover"] = rec.steps

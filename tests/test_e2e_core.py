@@ -7,7 +7,6 @@ also when the test fails (the harnesses are context managers).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import psutil
 import pytest
 
 from selfupgrade import Role, TripleInstaller, UpgradeState
+from selfupgrade.guard import guard_command
 from selfupgrade.testing import (
     TOY_FILES,
     ArtifactServer,
@@ -42,16 +42,7 @@ class Host:
     log: Path
 
     def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "selfupgrade",
-            "guard",
-            "--state-dir",
-            str(self.state),
-            "--",
-            str(self.install / "toyd"),
-        ]
+        return guard_command(self.state, [str(self.install / "toyd")])
 
     def env(self, hbs: ControlServer, restarter: str = "systemd", **extra: str) -> dict[str, str]:
         return {

@@ -40,13 +40,7 @@ def files(d: Path) -> dict[Role, bytes | None]:
 
 
 def stage(installer: TripleInstaller, d: Path, release=NEW, roles=tuple(Role)) -> list[StagedFile]:  # type: ignore[no-untyped-def]
-    out = []
-    for role in roles:
-        target = d / TOY_FILES[role]
-        staged = installer.staging_path(target)
-        staged.write_bytes(release.files[role])
-        out.append(StagedFile(role, target, staged))
-    return out
+    return release.stage(installer, d, roles)
 
 
 def strays(d: Path) -> list[str]:
@@ -218,16 +212,11 @@ def test_two_threads_racing_install_once(tmp_path: Path, install_dir: Path) -> N
 RACER = """
 import sys, time
 from pathlib import Path
-from selfupgrade import TripleInstaller, StagedFile, ConfirmPolicy, Role
-from selfupgrade.testing import TOY_FILES, toy_release
+from selfupgrade import TripleInstaller, ConfirmPolicy
+from selfupgrade.testing import toy_release
 state, d, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 inst = TripleInstaller(state)
-staged = []
-for role in Role:
-    target = d / TOY_FILES[role]
-    p = inst.staging_path(target)
-    p.write_bytes(toy_release("1.1").files[role])
-    staged.append(StagedFile(role, target, p))
+staged = toy_release("1.1").stage(inst, d)
 while not go.exists():
     time.sleep(0.001)
 print(inst.install("1.1", staged, from_version="1.0", confirm=ConfirmPolicy()))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .._system import System
 from ..errors import RestartFailed
+from ..guard import guard_command
 
 __all__ = ["ExecRestarter"]
 
@@ -45,16 +46,7 @@ class ExecRestarter:
         """The argv that :meth:`restart` will exec."""
         if self._guard is None:
             return list(self._argv)
-        return [
-            sys.executable,
-            "-m",
-            "selfupgrade",
-            "guard",
-            "--state-dir",
-            str(self._guard),
-            "--",
-            *self._argv,
-        ]
+        return guard_command(self._guard, self._argv)
 
     def restart(self) -> None:
         """Exec the command; does not return.

@@ -18,10 +18,10 @@ from __future__ import annotations
 import hashlib
 import http.server
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
-from types import TracebackType
+
+from ._base import ThreadedHttpServer
 
 __all__ = ["ArtifactServer", "Fault", "ServedRequest"]
 
@@ -70,7 +70,7 @@ class _Entry:
     drops_left: int = field(default=0)
 
 
-class ArtifactServer:
+class ArtifactServer(ThreadedHttpServer):
     """Serves artifacts on ``http://127.0.0.1:<free port>``; a context manager.
 
     Attributes:
@@ -79,17 +79,8 @@ class ArtifactServer:
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._entries: dict[str, _Entry] = {}
-        self._lock = threading.Lock()
         self.requests: list[ServedRequest] = []
-        self._errors: list[BaseException] = []
-        self._server = _Server((host, 0), _handler_for(self))
-        self._thread: threading.Thread | None = None
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        super().__init__(host, _handler_for(self))
 
     def url(self, name: str) -> str:
         """The URL of artifact ``name``."""
@@ -114,42 +105,6 @@ class ArtifactServer:
         with self._lock:
             self._entries.pop("/" + name.lstrip("/"), None)
 
-    def start(self) -> ArtifactServer:
-        """Start serving in a background thread."""
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(5)
-            self._thread = None
-        self._server.server_close()
-
-    def check(self) -> None:
-        """Re-raise the first error that happened in a handler thread, if any."""
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> ArtifactServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        if exc_type is None:
-            self.check()
-
     # called by the handler
     def _lookup(self, path: str) -> tuple[bytes, Fault, bool] | None:
         with self._lock:
@@ -164,15 +119,6 @@ class ArtifactServer:
     def _record(self, request: ServedRequest) -> None:
         with self._lock:
             self.requests.append(request)
-
-    def _error(self, exc: BaseException) -> None:
-        with self._lock:
-            self._errors.append(exc)
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
 
 
 def _handler_for(owner: ArtifactServer) -> type[http.server.BaseHTTPRequestHandler]:

@@ -12,16 +12,16 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 
 from ..models import Heartbeat, UpgradeOrder
+from ._base import ThreadedHttpServer
 
 __all__ = ["HEARTBEAT_PATH", "ControlServer"]
 
 HEARTBEAT_PATH = "/selfupgrade/v1/heartbeat"
 
 
-class ControlServer:
+class ControlServer(ThreadedHttpServer):
     """Answers heartbeats with the published order on ``http://127.0.0.1:<free port>``.
 
     Attributes:
@@ -33,18 +33,13 @@ class ControlServer:
         self.beats: list[Heartbeat] = []
         self.rejected: list[bytes] = []
         self._order: UpgradeOrder | None = None
-        self._lock = threading.Lock()
+        super().__init__(host, _handler_for(self))
         self._changed = threading.Condition(self._lock)
-        self._errors: list[BaseException] = []
-        self._server = http.server.ThreadingHTTPServer((host, 0), _handler_for(self))
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         """The heartbeat URL."""
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}{HEARTBEAT_PATH}"
+        return f"{self.base_url}{HEARTBEAT_PATH}"
 
     def publish(self, order: UpgradeOrder | None) -> None:
         """Answer every following heartbeat with ``order`` (``None`` withdraws it)."""
@@ -83,42 +78,6 @@ class ControlServer:
         beats = self.wait_for(done, timeout_s=timeout_s)
         return next(b for b in reversed(beats) if b.host == host and str(b.version) == version)
 
-    def start(self) -> ControlServer:
-        """Start serving in a background thread."""
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving."""
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(5)
-            self._thread = None
-        self._server.server_close()
-
-    def check(self) -> None:
-        """Re-raise the first error that happened in a handler thread."""
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> ControlServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        if exc_type is None:
-            self.check()
-
     def _handle(self, body: bytes) -> tuple[int, dict[str, object]]:
         try:
             beat = Heartbeat.from_wire(json.loads(body))
@@ -156,8 +115,7 @@ def _handler_for(owner: ControlServer) -> type[http.server.BaseHTTPRequestHandle
                 self.end_headers()
                 self.wfile.write(data)
             except Exception as exc:
-                with owner._lock:
-                    owner._errors.append(exc)
+                owner._error(exc)
                 raise
 
     return Handler

@@ -27,10 +27,10 @@ import xmlrpc.client
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ..restart.supervisor import supervisor_proxy
+from ._base import Managed
 
 __all__ = ["Notification", "ServiceHarness", "Supervisord", "stop_pid"]
 
@@ -67,7 +67,7 @@ class Notification:
     at: float
 
 
-class ServiceHarness:
+class ServiceHarness(Managed):
     """Runs a command like a systemd unit with ``Type=notify`` and ``Restart=always``.
 
     Args:
@@ -207,17 +207,6 @@ class ServiceHarness:
         self._sock.close()
         self._tmp.cleanup()
 
-    def __enter__(self) -> ServiceHarness:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 @dataclass(frozen=True)
 class Program:
@@ -232,7 +221,7 @@ class Program:
     stopwaitsecs: int = 5
 
 
-class Supervisord:
+class Supervisord(Managed):
     """A real supervisord in a directory of its own, driven over XML-RPC.
 
     Args:
@@ -355,14 +344,3 @@ class Supervisord:
         self._proc = None
         if self._tmp is not None:
             self._tmp.cleanup()
-
-    def __enter__(self) -> Supervisord:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -13,8 +13,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from types import TracebackType
 
+from ._base import Managed
 from .harness import stop_pid
 
 __all__ = ["RedisServer", "find_redis_server", "free_port"]
@@ -32,7 +32,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
+class RedisServer(Managed):
     """``redis-server`` on 127.0.0.1, a context manager.
 
     Attributes:
@@ -100,14 +100,3 @@ class RedisServer:
             stop_pid(self._proc.pid)
         self._proc = None
         self._tmp.cleanup()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

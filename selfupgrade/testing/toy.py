@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..install.base import Installer, StagedFile
 from ..models import Artifact, Digest, HashAlgorithm, Release, Role, UpgradeOrder, parse_version
 
 __all__ = ["TOY_FILES", "ToyRelease", "toy_release"]
@@ -149,6 +150,18 @@ class ToyRelease:
             path = install_dir / TOY_FILES[role]
             path.write_bytes(data)
             path.chmod(0o755 if role == Role.BIN else 0o644)
+
+    def stage(
+        self, installer: Installer, install_dir: Path, roles: Iterable[Role] | None = None
+    ) -> list[StagedFile]:
+        """Put this release's files where ``installer`` stages downloads, as a download would."""
+        staged = []
+        for role in roles if roles is not None else self.files:
+            target = install_dir / TOY_FILES[role]
+            path = installer.staging_path(target)
+            path.write_bytes(self.files[role])
+            staged.append(StagedFile(role, target, path))
+        return staged
 
     def artifact_name(self, role: Role) -> str:
         """The seed's naming on the file server: ``bin_<version>``, ``cfg_<version>``..."""

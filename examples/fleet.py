@@ -1,0 +1,201 @@
+"""A fleet on one machine: hbs as a real process, and falcon agents under a real supervisord.
+
+Used by the fleet demo and by the end-to-end tests. Everything listens on 127.0.0.1 and is
+stopped by PID, also on errors (both classes are context managers).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from selfupgrade.testing import ArtifactServer, Supervisord, free_port, stop_pid
+
+from .falcon_agent.build import Built, build
+
+ROOT = Path(__file__).resolve().parent.parent
+OLD, NEW = "6.0.0", "6.0.1"
+AGENT_CFG: dict[str, Any] = {
+    "heartbeat": {"interval": 0.5},
+    "collect_interval": 0.5,
+    "confirm_timeout_s": 20,
+}
+
+
+class Hbs:
+    """``python -m examples.hbs_server`` on a free port; restartable with the same store."""
+
+    def __init__(
+        self,
+        store: str,
+        log_path: Path,
+        *,
+        port: int | None = None,
+        rpc: bool = False,
+        **limits: Any,
+    ) -> None:
+        self.store = store
+        self.log_path = log_path
+        self.port = port or free_port()
+        self.rpc_port = free_port() if rpc else None
+        self.limits = {"queue": 3, "lease_s": 10, "retry_backoff_s": 2, **limits}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Hbs:
+        """Start and wait until ``/health`` answers."""
+        args = [
+            sys.executable,
+            "-m",
+            "examples.hbs_server",
+            "--http",
+            f"127.0.0.1:{self.port}",
+            "--rpc",
+            f"127.0.0.1:{self.rpc_port}" if self.rpc_port else "off",
+            "--store",
+            self.store,
+            "--log-level",
+            "info",
+        ]
+        for key, value in self.limits.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"hbs did not start:\n{self.log()}")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop by PID (SIGTERM, or SIGKILL with ``sig``)."""
+        if self.proc is not None and self.proc.poll() is None:
+            if sig == signal.SIGKILL:
+                self.proc.kill()
+                self.proc.wait(10)
+            else:
+                stop_pid(self.proc.pid, grace_s=10)
+        self.proc = None
+
+    def log(self) -> str:
+        """What hbs printed."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def status(self) -> dict[str, Any]:
+        """``GET /selfupgrade/v1/status``."""
+        return httpx.get(f"{self.url}/selfupgrade/v1/status", timeout=5).json()  # type: ignore[no-any-return]
+
+    def versions(self) -> dict[str, str]:
+        """``GET /agentversions``."""
+        return httpx.get(f"{self.url}/agentversions", timeout=5).json()["data"]  # type: ignore[no-any-return]
+
+    def publish(self, body: Mapping[str, Any]) -> httpx.Response:
+        """``POST /agent/upgrade`` with ``body``, as curl sends it."""
+        return httpx.post(f"{self.url}/agent/upgrade", content=json.dumps(body), timeout=5)
+
+    def __enter__(self) -> Hbs:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Fleet:
+    """N falcon agents of ``OLD`` under a real supervisord, beating to one or more hbs URLs.
+
+    Args:
+        workdir: where hosts, supervisord and logs live.
+        n: number of agents.
+        hbs_urls: heartbeat base URLs; agent i uses ``hbs_urls[i % len]``.
+        transport: ``http`` or ``rpc`` (``hbs_urls`` are then ``host:port``).
+        autorestart: supervisord's autorestart for the agents.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        n: int,
+        hbs_urls: list[str],
+        *,
+        transport: str = "http",
+        autorestart: bool = True,
+        old: Built | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.n = n
+        self.names = [f"agent-{i:02d}" for i in range(1, n + 1)]
+        self.old = old or build(
+            OLD,
+            config={**AGENT_CFG, "heartbeat": {**AGENT_CFG["heartbeat"], "transport": transport}},
+        )
+        self.sup = Supervisord(workdir / "supervisor")
+        for i, name in enumerate(self.names):
+            home = workdir / "hosts" / name
+            self.old.install(home / "opt")
+            url = hbs_urls[i % len(hbs_urls)]
+            addr = url if transport == "rpc" else f"{url}/selfupgrade/v1/heartbeat"
+            self.sup.add_program(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "selfupgrade",
+                    "guard",
+                    "--state-dir",
+                    str(home / "state"),
+                    "--",
+                    str(home / "opt" / "falcon-agent"),
+                    "-c",
+                    str(home / "opt" / "cfg.json"),
+                ],
+                env={
+                    "FALCON_AGENT_HOSTNAME": name,
+                    "FALCON_AGENT_HBS": addr,
+                    "FALCON_AGENT_STATE_DIR": str(home / "state"),
+                    "FALCON_AGENT_HTTP": "off",
+                    "FALCON_AGENT_RESTARTER": "supervisor",
+                    "FALCON_AGENT_PROGRAM": name,
+                },
+                autorestart=autorestart,
+            )
+
+    def home(self, name: str) -> Path:
+        """The host's directory."""
+        return self.workdir / "hosts" / name
+
+    def program(self, name: str) -> bytes:
+        """The installed program's bytes."""
+        return (self.home(name) / "opt" / "falcon-agent").read_bytes()
+
+    def pid(self, name: str) -> int:
+        """The agent's PID, from supervisord."""
+        return int(self.sup.info(name)["pid"])
+
+    def __enter__(self) -> Fleet:
+        self.sup.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sup.stop()
+
+
+def serve_release(server: ArtifactServer, built: Built, **faults: Any) -> str:
+    """Serve ``bin_<v>`` and ``cfg_<v>`` under ``/file/open-falcon``; return the wgeturl."""
+    server.add(f"file/open-falcon/bin_{built.version}", built.program, fault=faults.get("bin"))
+    server.add(f"file/open-falcon/cfg_{built.version}", built.config, fault=faults.get("cfg"))
+    return f"{server.base_url}/file/open-falcon"
