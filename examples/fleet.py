@@ -135,6 +135,7 @@ class Fleet:
         transport: str = "http",
         autorestart: bool = True,
         old: Built | None = None,
+        labels: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.workdir = workdir
         self.n = n
@@ -170,6 +171,9 @@ class Fleet:
                     "FALCON_AGENT_HTTP": "off",
                     "FALCON_AGENT_RESTARTER": "supervisor",
                     "FALCON_AGENT_PROGRAM": name,
+                    "FALCON_AGENT_LABELS": ",".join(
+                        f"{k}={v}" for k, v in (labels or {}).get(name, {}).items()
+                    ),
                 },
                 autorestart=autorestart,
             )

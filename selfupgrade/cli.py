@@ -6,6 +6,7 @@
     selfupgrade status --state-dir DIR
     selfupgrade confirm --state-dir DIR
     selfupgrade rollback --state-dir DIR [--reason TEXT]
+    selfupgrade rollout start|status|watch|pause|resume|abort|rollback [--server URL] ...
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from . import _rollout_cli
 from .errors import SelfUpgradeError
 
 __all__ = ["main"]
@@ -49,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", type=Path, required=True)
         if name == "rollback":
             p.add_argument("--reason", default="rolled back by an operator")
+    _rollout_cli.add_parser(sub)
     return parser
 
 
@@ -58,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import guard as guard_mod
     from .install.triple import TripleInstaller
 
+    if args.command == "rollout":
+        return _rollout_cli.run(args)
     try:
         if args.command == "guard":
             cmd = list(args.cmd)

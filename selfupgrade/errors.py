@@ -26,7 +26,8 @@
 
 Every error carries structured attributes (``url``, ``expected``, ``actual``, ``status_code``,
 ``path``) so that callers and heartbeats can report them without parsing messages.
-``InvalidVersion`` is also a ``ValueError`` because it is raised while parsing input.
+``InvalidVersion``, ``UnsafeURL`` and ``UnsafePath`` are also ``ValueError``: they are raised
+while parsing input, so code that validates input catches them with everything else.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class InvalidVersion(OrderRejected, ValueError):
         self.text = text
 
 
-class UnsafeURL(OrderRejected):
+class UnsafeURL(OrderRejected, ValueError):
     """A URL (or a redirect) uses a scheme other than http/https, or leaves the allowed host.
 
     Attributes:
@@ -175,7 +176,7 @@ class UnsafeURL(OrderRejected):
         self.url = url
 
 
-class UnsafePath(OrderRejected):
+class UnsafePath(OrderRejected, ValueError):
     """A target path escapes the install directory or goes through a symlink.
 
     Attributes:

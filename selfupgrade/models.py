@@ -253,10 +253,11 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Release:
-    """A version and the artifacts that make it up (any non-empty subset of the three roles).
+    """A version and the artifacts that make it up (any subset of the three roles; empty only
+    in a rollback order, where the host restores its backup generation).
 
     Raises:
-        ValueError: for no artifacts or two artifacts of the same role.
+        ValueError: for two artifacts of the same role.
     """
 
     version: Version
@@ -267,8 +268,6 @@ class Release:
             object.__setattr__(self, "version", parse_version(self.version))
         object.__setattr__(self, "artifacts", tuple(self.artifacts))
         roles = [a.role for a in self.artifacts]
-        if not roles:
-            raise ValueError("a release needs at least one artifact")
         if len(set(roles)) != len(roles):
             raise ValueError(f"a release has one artifact per role, got {[r.value for r in roles]}")
 
@@ -291,12 +290,22 @@ class UpgradeOrder:
         task_id: the server's id of the task or rollout (echoed back in heartbeats).
         allow_downgrade: install even if the release is older than the running version.
         manifest: a signed release manifest (bytes), when the server has one.
+        rollback: go back to ``release.version``: from the host's backup generation when it
+            holds that version, else by installing the release's artifacts.
+
+    Raises:
+        ValueError: an order that is not a rollback carries no artifact.
     """
 
     release: Release
     task_id: str = ""
     allow_downgrade: bool = False
     manifest: bytes | None = field(default=None, repr=False)
+    rollback: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.release.artifacts and not self.rollback:
+            raise ValueError("an order needs at least one artifact (only a rollback may have none)")
 
     @property
     def version(self) -> Version:
@@ -324,6 +333,8 @@ class UpgradeOrder:
         }
         if self.manifest is not None:
             wire["manifest"] = self.manifest.decode("utf-8")
+        if self.rollback:
+            wire["rollback"] = True
         return wire
 
     @classmethod
@@ -366,11 +377,15 @@ class UpgradeOrder:
         manifest = obj.get("manifest")
         if manifest is not None and not isinstance(manifest, str):
             raise ValueError("order.manifest must be a string")
+        rollback = obj.get("rollback", False)
+        if not isinstance(rollback, bool):
+            raise ValueError("order.rollback must be true or false")
         return cls(
             release=Release(version, tuple(artifacts)),
             task_id=task_id,
             allow_downgrade=allow_downgrade,
             manifest=manifest.encode("utf-8") if manifest is not None else None,
+            rollback=rollback,
         )
 
 

@@ -321,6 +321,9 @@ class Updater:
     def _consider(self, order: UpgradeOrder) -> None:
         if self._busy.locked():
             return
+        if order.rollback:
+            self._consider_rollback(order)
+            return
         try:
             applies = order_applies(
                 order, current=self.version, installed=self._installed_digests(order.release.roles)
@@ -349,6 +352,51 @@ class Updater:
             target=self._work, args=(order,), name="selfupgrade-upgrade", daemon=True
         )
         self._worker.start()
+
+    def _consider_rollback(self, order: UpgradeOrder) -> None:
+        """A fleet rollback: restore the backup generation when it holds the wanted version,
+        else install the order's artifacts like any (downgrade) order."""
+        if order.version == self.version:
+            return
+        if self._installer.status().previous_version == str(order.version):
+            if self._busy.acquire(blocking=False):
+                self._worker = threading.Thread(
+                    target=self._restore, args=(order,), name="selfupgrade-rollback", daemon=True
+                )
+                self._worker.start()
+            return
+        if order.release.artifacts:
+            if self._busy.acquire(blocking=False):
+                self._worker = threading.Thread(
+                    target=self._work, args=(order,), name="selfupgrade-upgrade", daemon=True
+                )
+                self._worker.start()
+            return
+        if self._failed_version != order.version or self._state != UpgradeState.FAILED:
+            self._record_failure(
+                order,
+                f"cannot roll back to {order.version}: no backup generation of it on this host "
+                "and the order has no artifacts",
+            )
+
+    def _restore(self, order: UpgradeOrder) -> None:
+        try:
+            with self._lock:
+                self._task_id = order.task_id
+            self._set(UpgradeState.INSTALLING)
+            restored = self._installer.rollback(
+                f"fleet rollback to {order.version} (rollout {order.task_id or '-'})"
+            )
+            log.warning("fleet rollback: restored %s", restored)
+            self._installed = True
+            self._restart(f"rolled back to {restored}")
+        except SelfUpgradeError as exc:
+            self._record_failure(order, str(exc))
+        except Exception as exc:
+            log.exception("fleet rollback failed")
+            self._record_failure(order, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._busy.release()
 
     def _work(self, order: UpgradeOrder) -> None:
         try:

@@ -219,7 +219,7 @@ def test_a_wrong_md5_fails_cleanly_and_halts_at_the_failure_limit(
         wait_until(
             "the task to halt", lambda: hbs.status()["counters"]["status"] == "halted", 60, hbs.log
         )
-        assert "failure limit of 3" in hbs.status()["counters"]["halt_reason"]
+        assert "budget: 3 failed attempt(s), 2 allowed" in hbs.status()["counters"]["halt_reason"]
         wait_until("hosts in flight to finish", lambda: hbs.status()["counters"]["in_flight"] == 0)
         admitted = ever_admitted(db, task_id)
         time.sleep(3)  # well past the retry back-off: nobody else is admitted

@@ -113,8 +113,10 @@ def test_release_needs_unique_roles() -> None:
     a = Artifact(Role.BIN, "http://127.0.0.1/x", Digest("sha256", SHA))
     with pytest.raises(ValueError, match="one artifact per role"):
         Release(parse_version("1.0"), (a, a))
-    with pytest.raises(ValueError, match="at least one"):
-        Release(parse_version("1.0"), ())
+    with pytest.raises(ValueError, match="only a rollback may have none"):
+        UpgradeOrder(Release(parse_version("1.0"), ()))
+    rollback = UpgradeOrder(Release(parse_version("1.0"), ()), rollback=True)
+    assert UpgradeOrder.from_wire(rollback.to_wire()) == rollback
 
 
 def test_order_round_trips_through_the_wire_form() -> None:

@@ -161,7 +161,8 @@ def test_the_task_halts_at_the_failure_limit(store) -> None:  # type: ignore[no-
     for h in ("a", "b"):
         plane.heartbeat(beat(h, state=S.FAILED, task_id="t1", failures=1))
     c = store.counters("t1", 1000.0)
-    assert c.status == "halted" and "failure limit of 2" in c.halt_reason
+    assert c.status == "halted"
+    assert "exceeded its failure budget: 2 failed attempt(s), 1 allowed" in c.halt_reason
     assert plane.heartbeat(beat("d")) is None
     assert plane.heartbeat(beat("c")) is None  # no resend after a halt
     plane.heartbeat(beat("c", "1.1"))
@@ -271,3 +272,31 @@ def test_a_failing_store_fails_closed(tmp_path: Path) -> None:
     plane = plane_with(Broken())
     plane.publish(task())
     assert plane.heartbeat(beat("a")) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"wgeturl": "file:///etc", "version": "1.1", "binfile_md5": "0" * 32}, "wgeturl"),
+        (
+            {"wgeturl": "http://${your_cdn_addr}/f", "version": "1.1", "binfile_md5": "0" * 32},
+            "wgeturl",
+        ),
+        ({"wgeturl": "http://h/f", "version": "1.1\x00", "binfile_md5": "0" * 32}, "version"),
+        (
+            {"wgeturl": "http://h/f", "version": "1.1", "type": 1, "binfile_md5": "0" * 32},
+            "cfgfile_md5",
+        ),
+        ({"wgeturl": "http://h/f", "version": "1.1", "type": True}, "type"),
+        ({"wgeturl": "http://h/f", "version": "1.1", "binfile_md5": 5}, "binfile_md5"),
+        ({"version": "1.1"}, "wgeturl"),
+        ([], "body"),
+    ],
+)
+def test_seed_bodies_are_validated_field_by_field(body: object, field: str) -> None:
+    from selfupgrade.server import FieldError, task_from_seed
+    from selfupgrade.server.tasks import TaskLimits
+
+    with pytest.raises(FieldError) as info:
+        task_from_seed(body, limits=TaskLimits(), now=0)
+    assert info.value.field == field

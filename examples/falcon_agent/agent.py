@@ -11,12 +11,14 @@ The version is baked into this file (``VERSION`` below), as falcon-agent's is co
 Host-specific settings come from the environment, so one cfg.json (which upgrades replace)
 serves every host: FALCON_AGENT_HOSTNAME, FALCON_AGENT_HBS (heartbeat address),
 FALCON_AGENT_STATE_DIR, FALCON_AGENT_HTTP (metrics listen address, or "off"),
-FALCON_AGENT_RESTARTER (systemd, supervisor or exec), FALCON_AGENT_PROGRAM (supervisord name).
+FALCON_AGENT_RESTARTER (systemd, supervisor or exec), FALCON_AGENT_PROGRAM (supervisord name),
+FALCON_AGENT_LABELS (host labels for targeting, ``dc=bj,role=db``).
 """
 
 from __future__ import annotations
 
 VERSION = "6.0.0"
+HEALTHY = True  # a build for tests and demos can make a release that fails its health check
 
 import argparse  # noqa: E402 - VERSION stays the first statement, where the build stamps it
 import http.server  # noqa: E402
@@ -74,6 +76,9 @@ def load_config(path: Path) -> dict[str, Any]:
     cfg["state_dir"] = env.get("FALCON_AGENT_STATE_DIR", cfg["state_dir"])
     cfg["restarter"] = env.get("FALCON_AGENT_RESTARTER", cfg["restarter"])
     cfg["supervisor_program"] = env.get("FALCON_AGENT_PROGRAM", cfg["supervisor_program"])
+    labels = env.get("FALCON_AGENT_LABELS")
+    if labels:
+        cfg["labels"] = dict(item.split("=", 1) for item in labels.split(",") if "=" in item)
     listen = env.get("FALCON_AGENT_HTTP")
     if listen == "off":
         cfg["http"]["enabled"] = False
@@ -233,7 +238,7 @@ def make_updater(cfg: dict[str, Any], here: Path, collector: Collector) -> su.Up
             ),
         ),
         verifier=su.DigestVerifier(allow_md5=bool(cfg["allow_md5"])),
-        health_check=lambda: collector.samples > 0,
+        health_check=lambda: HEALTHY and collector.samples > 0,
     )
 
 

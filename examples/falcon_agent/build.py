@@ -60,17 +60,21 @@ def build(
     python: str | None = None,
     config: Mapping[str, Any] | None = None,
     crash_at_start: bool = False,
+    unhealthy: bool = False,
 ) -> Built:
     """Stamp ``version`` into the agent and its ``#!`` line; merge ``config`` into cfg.json.
 
-    ``crash_at_start`` builds a broken release that exits with status 3 before doing anything
-    (for demos and tests of automatic rollback).
+    ``crash_at_start`` builds a broken release that exits with status 3 before doing anything;
+    ``unhealthy`` one that runs but never passes its health check (for demos and tests of
+    automatic rollback and of halting).
     """
     source = (HERE / "agent.py").read_text()
     if not _VERSION_LINE.search(source):
         raise RuntimeError("agent.py has no VERSION line to stamp")
     source = _VERSION_LINE.sub(f'VERSION = "{version}"', source, count=1)
     source = source.replace("#!/usr/bin/env python3", f"#!{python or sys.executable}", 1)
+    if unhealthy:
+        source = source.replace("HEALTHY = True", "HEALTHY = False", 1)
     if crash_at_start:
         source = source.replace(
             f'VERSION = "{version}"\n', f'VERSION = "{version}"\nraise SystemExit(3)\n', 1

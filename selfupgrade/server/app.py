@@ -10,6 +10,13 @@ Routes:
 ``/agentversions``          GET     ``{host: version}``
 ``/agents``                 GET     the hosts seen
 ``/selfupgrade/v1/status``  GET     the task, its counters, the fleet by version and state
+``/selfupgrade/v1/rollouts``  GET/POST  list rollouts / create one (a release and a plan)
+``/selfupgrade/v1/rollouts/{id}``  GET  one rollout: waves, counts by state, failures, ETA
+``/selfupgrade/v1/rollouts/{id}/{action}``  POST  pause, resume, abort, rollback (admin)
+``/selfupgrade/v1/versions/bad``  GET/POST  versions marked bad / mark one (admin)
+``/selfupgrade/v1/openapi.json``  GET  the OpenAPI description of these routes
+``/metrics``                GET     Prometheus metrics
+``/``                       GET     the dashboard
 ``/health``                 GET     ``ok``
 =========================  ======  ===========================================================
 
@@ -35,15 +42,19 @@ from typing import Any
 try:
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "selfupgrade.server.app needs the 'server' extra: pip install 'selfupgrade[server]'"
     ) from exc
 
-from ..models import Heartbeat
+from ..models import Heartbeat, parse_version
+from .dashboard import DASHBOARD_HTML
+from .metrics import METRICS_CONTENT_TYPE, render_metrics
+from .openapi import OPENAPI
 from .plane import ControlPlane
+from .rollouts import release_from_json, rollout_from_json
 from .tasks import FieldError, seed_args
 
 __all__ = ["AppConfig", "create_app"]
@@ -161,6 +172,85 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
 
+    async def rollouts(request: Request) -> Response:
+        if request.method == "GET":
+            return JSONResponse({"rollouts": plane.summaries()})
+        require_admin(request)
+        body = await read_json(request)
+        try:
+            task = rollout_from_json(body, plane.config.limits, plane_clock())
+            task = plane.publish(task)
+        except FieldError as exc:
+            raise _HttpError(400, str(exc), exc.field) from None
+        return JSONResponse(plane.detail(task.id), status_code=201)
+
+    async def rollout(request: Request) -> Response:
+        detail = plane.detail(request.path_params["id"])
+        if detail is None:
+            raise _HttpError(404, f"no rollout {request.path_params['id']}", "id")
+        return JSONResponse(detail)
+
+    async def rollout_action(request: Request) -> Response:
+        require_admin(request)
+        task_id, action = request.path_params["id"], request.path_params["action"]
+        if plane.store.task(task_id) is None:
+            raise _HttpError(404, f"no rollout {task_id}", "id")
+        body = await read_json(request) if int(request.headers.get("content-length") or 0) else {}
+        if not isinstance(body, dict):
+            raise _HttpError(400, "body must be a JSON object", "body")
+        try:
+            if action == "rollback":
+                release = None
+                if body.get("release") is not None:
+                    release = release_from_json(body["release"], "release")
+                mark_bad = body.get("mark_bad", False)
+                if not isinstance(mark_bad, bool):
+                    raise FieldError("mark_bad", "must be true or false")
+                task = plane.rollback(task_id, mark_bad=mark_bad, release=release)
+                return JSONResponse(plane.detail(task.id), status_code=201)
+            if action not in ("pause", "resume", "abort"):
+                raise _HttpError(404, f"unknown action {action!r}", "action")
+            reason = body.get("reason", "")
+            if not isinstance(reason, str) or len(reason) > 500:
+                raise FieldError("reason", "must be a string of at most 500 characters")
+            if not plane.control(task_id, action, reason):
+                detail = plane.detail(task_id) or {}
+                raise _HttpError(
+                    409, f"cannot {action} a rollout that is {detail.get('status')}", "action"
+                )
+        except FieldError as exc:
+            raise _HttpError(400, str(exc), exc.field) from None
+        return JSONResponse(plane.detail(task_id))
+
+    async def bad_versions(request: Request) -> Response:
+        if request.method == "GET":
+            return JSONResponse({"bad": plane.store.bad_versions()})
+        require_admin(request)
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise _HttpError(400, "body must be a JSON object", "body")
+        try:
+            version = parse_version(body.get("version"))
+        except ValueError as exc:
+            raise _HttpError(400, str(exc), "version") from None
+        reason = body.get("reason", "marked bad by an operator")
+        if not isinstance(reason, str) or len(reason) > 500:
+            raise _HttpError(400, "must be a string of at most 500 characters", "reason")
+        plane.store.mark_bad(str(version), reason)
+        return JSONResponse({"bad": plane.store.bad_versions()})
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+    async def metrics(request: Request) -> Response:
+        return Response(render_metrics(plane), media_type=METRICS_CONTENT_TYPE)
+
+    async def dashboard(request: Request) -> Response:
+        return HTMLResponse(DASHBOARD_HTML)
+
+    def plane_clock() -> float:
+        return plane._clock()
+
     def guarded(handler: Any) -> Any:
         async def run(request: Request) -> Response:
             try:
@@ -199,6 +289,15 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
             Route("/agentversions", guarded(agentversions), methods=["GET"]),
             Route("/agents", guarded(agents), methods=["GET"]),
             Route("/selfupgrade/v1/status", guarded(status), methods=["GET"]),
+            Route("/selfupgrade/v1/rollouts", guarded(rollouts), methods=["GET", "POST"]),
+            Route("/selfupgrade/v1/rollouts/{id}", guarded(rollout), methods=["GET"]),
+            Route(
+                "/selfupgrade/v1/rollouts/{id}/{action}", guarded(rollout_action), methods=["POST"]
+            ),
+            Route("/selfupgrade/v1/versions/bad", guarded(bad_versions), methods=["GET", "POST"]),
+            Route("/selfupgrade/v1/openapi.json", guarded(openapi), methods=["GET"]),
+            Route("/metrics", guarded(metrics), methods=["GET"]),
+            Route("/", guarded(dashboard), methods=["GET"]),
             Route("/health", guarded(health), methods=["GET"]),
         ],
         lifespan=lifespan,

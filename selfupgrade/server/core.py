@@ -20,7 +20,13 @@ The rules, in order:
      sent again.
 4. It runs a newer version and the task does not allow a downgrade: nothing.
 5. It is backing off and its time has not come: nothing.
-6. Otherwise: try to admit it.
+6. The rollout does not admit it now (its wave has not started, the rollout is paused,
+   halted or aborted, the maintenance window is closed): nothing.
+7. Otherwise: try to admit it.
+
+:func:`advance` is the other half: from a rollout's counters, whether the current wave has
+settled (every host done, given up on, or lost), whether it has baked long enough, and so
+whether to promote the next wave or to complete.
 """
 
 from __future__ import annotations
@@ -29,9 +35,9 @@ import enum
 from dataclasses import dataclass
 
 from ..models import Heartbeat, UpgradeState
-from .tasks import HostProgress, Task
+from .tasks import HostProgress, Task, TaskCounters
 
-__all__ = ["WORKING_STATES", "Action", "Decision", "decide", "retry_at"]
+__all__ = ["WORKING_STATES", "Action", "Decision", "Step", "advance", "decide", "retry_at"]
 
 WORKING_STATES = frozenset(
     {
@@ -71,8 +77,20 @@ class Decision:
     reason: str = ""
 
 
-def decide(task: Task, beat: Heartbeat, progress: HostProgress | None, now: float) -> Decision:
-    """Decide what one heartbeat means for one task; see the module docstring."""
+def decide(
+    task: Task,
+    beat: Heartbeat,
+    progress: HostProgress | None,
+    now: float,
+    *,
+    may_admit: bool = True,
+) -> Decision:
+    """Decide what one heartbeat means for one task; see the module docstring.
+
+    Args:
+        may_admit: the rollout admits this host now (its wave has started, the rollout is
+            active, the window is open); the store checks the first two again atomically.
+    """
     if task.done_for(beat):
         if not beat.confirmed or beat.state in WORKING_STATES:
             if progress is not None and progress.state == "admitted":
@@ -96,6 +114,8 @@ def decide(task: Task, beat: Heartbeat, progress: HostProgress | None, now: floa
         return Decision(Action.NOTHING)
     if progress is not None and progress.state == "backoff" and now < progress.next_try_at:
         return Decision(Action.NOTHING)
+    if not may_admit:
+        return Decision(Action.NOTHING)
     return Decision(Action.ADMIT)
 
 
@@ -109,3 +129,47 @@ def _reports_new_failure(task: Task, beat: Heartbeat, progress: HostProgress) ->
 def retry_at(task: Task, attempts: int, now: float) -> float:
     """When a host that failed ``attempts`` times may be admitted again (doubling back-off)."""
     return now + task.limits.retry_backoff_s * float(2 ** max(attempts - 1, 0))
+
+
+@dataclass(frozen=True)
+class Step:
+    """What :func:`advance` says to do with a rollout.
+
+    Attributes:
+        kind: ``none``; ``bake`` (the wave settled: start baking at ``at``); ``unbake`` (a host
+            of a baking wave is no longer settled); ``promote`` (start wave ``wave``);
+            ``complete`` (the last wave has baked).
+        wave: the wave the step is about.
+        at: the time of the step.
+    """
+
+    kind: str
+    wave: int = 0
+    at: float = 0.0
+
+
+def advance(task: Task, counters: TaskCounters, *, lost: int, now: float) -> Step:
+    """Decide whether the current wave has settled and baked, and what comes next.
+
+    A wave has settled when each of its hosts is done (confirmed the new version), given up
+    on, or lost (``lost``: hosts that stopped heartbeating). It is promoted once it has stayed
+    settled for its ``bake_s``. A rollout that is not active does not move.
+    """
+    if counters.status != "active":
+        return Step("none", counters.wave)
+    waves = task.effective_plan.waves
+    index = counters.wave
+    if index >= len(waves):
+        return Step("complete", index, now)
+    c = counters.waves[index] if index < len(counters.waves) else None
+    members = c.members if c else 0
+    settled = c is None or c.done + c.failed + lost >= members
+    if not settled:
+        return Step("unbake", index) if counters.wave_done_at is not None else Step("none", index)
+    if counters.wave_done_at is None:
+        return Step("bake", index, now)
+    if now - counters.wave_done_at < waves[index].bake_s:
+        return Step("none", index)
+    if index + 1 >= len(waves):
+        return Step("complete", index, now)
+    return Step("promote", index + 1, now)

@@ -10,13 +10,23 @@ a Lua script.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from .core import Action, Decision, retry_at
-from .tasks import HostProgress, HostSeen, Task, TaskCounters
+from .core import Action, Decision, Step, retry_at
+from .tasks import HostProgress, HostSeen, Task, TaskCounters, TaskStatus, WaveCounters
 
-__all__ = ["Effect", "MemoryStore", "transition"]
+__all__ = ["STATUS_CHANGES", "Effect", "MemoryStore", "transition"]
+
+STATUS_CHANGES: Mapping[TaskStatus, frozenset[str]] = {
+    "paused": frozenset({"active"}),
+    "active": frozenset({"paused", "halted"}),
+    "aborted": frozenset({"active", "paused", "halted", "complete"}),
+}
+"""For each status an operator may set, the statuses it may be set from."""
+
+ADMITTING = frozenset({"active", "complete"})
+"""Statuses in which hosts of started waves are admitted (``complete``: late joiners)."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,7 @@ class Effect:
     Attributes:
         progress: the host's new progress, or ``None`` when nothing changed.
         send: send the order to the host.
-        done, failed, failures: changes to the task's counters.
+        done, failed, failures: changes to the task's counters (and to the host's wave's).
         in_flight: change to the number of slots held (+1 taken, -1 released).
     """
 
@@ -50,19 +60,27 @@ def transition(
     failures: int,
     now: float,
     in_flight: int,
-    active: bool,
+    status: str,
+    host_wave: int | None,
+    current_wave: int,
 ) -> Effect:
     """Apply ``decision`` to ``current``; see the contract in :mod:`selfupgrade.server.store`.
 
     Args:
         in_flight: live leases of the task *after* expired ones were swept.
-        active: the task is active (not cancelled or halted).
+        status: the rollout's status.
+        host_wave: the host's wave (``None``: not part of the rollout).
+        current_wave: the rollout's current wave.
     """
     action = decision.action
     admitted = current is not None and current.state == "admitted"
     lease = now + task.limits.lease_s
     if action == Action.ADMIT:
-        if not active or in_flight >= task.limits.max_in_flight:
+        waves = task.effective_plan.waves
+        limit = waves[min(current_wave, len(waves) - 1)].max_in_flight
+        if status not in ADMITTING or host_wave is None or host_wave > current_wave:
+            return NO_EFFECT
+        if in_flight >= limit:
             return NO_EFFECT
         if current is not None and current.state != "backoff":
             return NO_EFFECT
@@ -74,10 +92,11 @@ def transition(
             attempts=current.attempts if current is not None else 0,
             lease_until=lease,
             failures_at_admit=failures,
+            admitted_at=now,
         )
         return Effect(progress=progress, send=True, in_flight=1)
     if action == Action.RESEND:
-        if not admitted or not active:
+        if not admitted or status not in ("active", "paused", "complete"):
             return NO_EFFECT
         assert current is not None
         return Effect(progress=replace(current, lease_until=lease), send=True)
@@ -91,7 +110,11 @@ def transition(
             return NO_EFFECT
         return Effect(
             progress=HostProgress(
-                host=host, state="done", attempts=current.attempts if current else 0
+                host=host,
+                state="done",
+                attempts=current.attempts if current else 0,
+                admitted_at=current.admitted_at if current else 0.0,
+                done_at=now,
             ),
             done=1,
             failed=-1 if current is not None and current.state == "failed" else 0,
@@ -101,11 +124,12 @@ def transition(
         if not admitted:
             return NO_EFFECT
         assert current is not None
-        return _failed(task, current, decision.reason, now)
+        return failed(task, current, decision.reason, now)
     return NO_EFFECT
 
 
-def _failed(task: Task, current: HostProgress, reason: str, now: float) -> Effect:
+def failed(task: Task, current: HostProgress, reason: str, now: float) -> Effect:
+    """A failed attempt of an admitted host: back off, or give up after ``max_attempts``."""
     attempts = current.attempts + 1
     final = attempts >= task.limits.max_attempts
     progress = HostProgress(
@@ -114,8 +138,19 @@ def _failed(task: Task, current: HostProgress, reason: str, now: float) -> Effec
         attempts=attempts,
         next_try_at=0.0 if final else retry_at(task, attempts, now),
         reason=reason[:500],
+        admitted_at=current.admitted_at,
     )
     return Effect(progress=progress, failed=1 if final else 0, failures=1, in_flight=-1)
+
+
+def halt_reason(task: Task, wave: int, counters: WaveCounters, host: str, reason: str) -> str:
+    """Why a rollout halted, when ``wave`` went over its failure budget."""
+    w = task.effective_plan.waves[wave]
+    allowed = w.budget(counters.members)
+    return (
+        f"wave {wave + 1} ({w.name}) exceeded its failure budget: {counters.failures} failed "
+        f"attempt(s), {allowed} allowed; last: {host}: {reason}"
+    )[:1000]
 
 
 @dataclass
@@ -126,8 +161,12 @@ class _TaskRecord:
     done: int = 0
     failed: int = 0
     failures: int = 0
+    wave: int = 0
+    wave_done_at: float | None = None
     progress: dict[str, HostProgress] = field(default_factory=dict)
     leases: dict[str, float] = field(default_factory=dict)
+    members: dict[str, int] = field(default_factory=dict)
+    waves: list[WaveCounters] = field(default_factory=list)
 
 
 class MemoryStore:
@@ -141,58 +180,107 @@ class MemoryStore:
         self._tasks: dict[str, _TaskRecord] = {}
         self._active: str | None = None
         self._hosts: dict[str, HostSeen] = {}
-        self._released: list[str] = []
+        self._bad: dict[str, str] = {}
 
-    # ---- tasks ---------------------------------------------------------------------------
+    # ---- rollouts ------------------------------------------------------------------------
 
-    def publish(self, task: Task) -> None:
-        """Make ``task`` the active one, cancelling the previous active task."""
+    def publish(self, task: Task, members: Mapping[str, int] | None = None) -> None:
+        """Make ``task`` the active rollout with ``members`` (host -> wave); the previous one is
+        cancelled and its slots freed."""
         with self._lock:
             previous = self._active
-            if previous is not None and previous != task.id and self._cancel_locked(previous):
-                self._persist(previous, hosts=self._released)
-            self._tasks[task.id] = _TaskRecord(task)
+            if (
+                previous is not None
+                and previous != task.id
+                and self._tasks[previous].status not in ("aborted", "cancelled")
+            ):
+                released = self._set_status_locked(previous, "cancelled", "replaced by " + task.id)
+                self._persist(previous, hosts=released)
+            record = _TaskRecord(task, members=dict(members or {}))
+            record.waves = [WaveCounters() for _ in task.effective_plan.waves]
+            for wave in record.members.values():
+                record.waves[wave] = replace(
+                    record.waves[wave], members=record.waves[wave].members + 1
+                )
+            self._tasks[task.id] = record
             self._active = task.id
-            self._persist(task.id, hosts=())
+            self._persist(task.id, hosts=(), members=record.members)
 
     def active_task(self) -> Task | None:
-        """The active task, if any."""
+        """The rollout hosts are compared against (the newest that was not replaced)."""
         with self._lock:
-            if self._active is None:
-                return None
-            record = self._tasks[self._active]
-            return record.task
+            return self._tasks[self._active].task if self._active is not None else None
 
     def task(self, task_id: str) -> Task | None:
-        """A stored task by id."""
+        """A stored rollout by id."""
         with self._lock:
             record = self._tasks.get(task_id)
             return record.task if record else None
 
-    def cancel(self, task_id: str) -> bool:
-        """Cancel the task and free its slots."""
+    def tasks(self) -> list[Task]:
+        """Every stored rollout, newest first."""
         with self._lock:
-            if self._cancel_locked(task_id):
-                self._persist(task_id, hosts=self._released)
-                return True
-            return False
+            return sorted((r.task for r in self._tasks.values()), key=lambda t: -t.created_at)
 
-    def _cancel_locked(self, task_id: str) -> bool:
-        record = self._tasks.get(task_id)
-        if record is None or record.status not in ("active", "halted"):
-            return False
-        record.status = "cancelled"
-        released = list(record.leases)
-        for host in released:
-            record.progress[host] = replace(record.progress[host], state="backoff", lease_until=0.0)
-        record.leases.clear()
-        if self._active == task_id:
-            self._active = None
-        self._released = released
-        return True
+    def cancel(self, task_id: str) -> bool:
+        """Abort the rollout, free its slots, and stop comparing hosts against it."""
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or record.status in ("aborted", "cancelled"):
+                return False
+            released = self._set_status_locked(task_id, "aborted", "cancelled by an operator")
+            if self._active == task_id:
+                self._active = None
+            self._persist(task_id, hosts=released)
+            return True
+
+    def set_status(self, task_id: str, status: TaskStatus, reason: str) -> bool:
+        """An operator's change (pause, resume, abort); ``False`` if not allowed from the
+        rollout's status (see :data:`STATUS_CHANGES`)."""
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or record.status not in STATUS_CHANGES.get(status, ()):
+                return False
+            released = self._set_status_locked(task_id, status, reason)
+            self._persist(task_id, hosts=released)
+            return True
+
+    def _set_status_locked(self, task_id: str, status: str, reason: str) -> list[str]:
+        record = self._tasks[task_id]
+        record.status = status
+        record.halt_reason = "" if status == "active" else reason
+        released: list[str] = []
+        if status in ("aborted", "cancelled"):
+            released = list(record.leases)
+            for host in released:
+                record.progress[host] = replace(
+                    record.progress[host], state="backoff", lease_until=0.0
+                )
+            record.leases.clear()
+        return released
+
+    def step(self, task_id: str, step: Step) -> bool:
+        """Carry out :func:`~selfupgrade.server.core.advance`'s step if the rollout is still
+        active and on the wave it was computed for."""
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or record.status != "active":
+                return False
+            if step.kind == "bake" and record.wave == step.wave and record.wave_done_at is None:
+                record.wave_done_at = step.at
+            elif step.kind == "unbake" and record.wave == step.wave:
+                record.wave_done_at = None
+            elif step.kind == "promote" and record.wave == step.wave - 1:
+                record.wave, record.wave_done_at = step.wave, None
+            elif step.kind == "complete" and record.wave == step.wave:
+                record.status, record.wave_done_at = "complete", step.at
+            else:
+                return False
+            self._persist(task_id, hosts=())
+            return True
 
     def counters(self, task_id: str, now: float) -> TaskCounters:
-        """Status and counts of the task (sweeps expired leases first)."""
+        """Status and counts of the rollout (sweeps expired leases first)."""
         with self._lock:
             record = self._tasks.get(task_id)
             if record is None:
@@ -205,26 +293,59 @@ class MemoryStore:
                 failed=record.failed,
                 failures=record.failures,
                 halt_reason=record.halt_reason,
+                wave=record.wave,
+                wave_done_at=record.wave_done_at,
+                waves=tuple(record.waves),
             )
 
-    # ---- hosts in a task -----------------------------------------------------------------
+    # ---- hosts in a rollout --------------------------------------------------------------
 
-    def progress(self, task_id: str, host: str) -> HostProgress | None:
-        """What is known of ``host`` in the task."""
+    def host_state(self, task_id: str, host: str) -> tuple[HostProgress | None, int | None]:
+        """The host's progress and its wave (``None``: not part of the rollout)."""
         with self._lock:
             record = self._tasks.get(task_id)
-            return record.progress.get(host) if record else None
+            if record is None:
+                return None, None
+            return record.progress.get(host), record.members.get(host)
+
+    def progress(self, task_id: str, host: str) -> HostProgress | None:
+        """What is known of ``host`` in the rollout."""
+        return self.host_state(task_id, host)[0]
+
+    def members(self, task_id: str) -> dict[str, int]:
+        """Every member and its wave."""
+        with self._lock:
+            record = self._tasks.get(task_id)
+            return dict(record.members) if record else {}
+
+    def join(self, task_id: str, host: str, wave: int) -> None:
+        """Add a host that appeared after the rollout started to ``wave``."""
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or host in record.members:
+                return
+            record.members[host] = wave
+            counters = record.waves[wave]
+            record.waves[wave] = replace(counters, members=counters.members + 1)
+            self._persist(task_id, hosts=(), members={host: wave})
 
     def all_progress(self, task_id: str) -> list[HostProgress]:
-        """Every host's progress in the task."""
+        """Every host's progress in the rollout."""
         with self._lock:
             record = self._tasks.get(task_id)
             return list(record.progress.values()) if record else []
 
     def apply(
-        self, task: Task, host: str, decision: Decision, *, failures: int, now: float
+        self,
+        task: Task,
+        host: str,
+        decision: Decision,
+        *,
+        failures: int,
+        now: float,
+        wave: int | None = None,
     ) -> bool:
-        """Carry out ``decision`` atomically (under the lock)."""
+        """Carry out ``decision`` atomically (under the lock; the host's wave is read here)."""
         if decision.action == Action.NOTHING:
             return False
         with self._lock:
@@ -242,10 +363,12 @@ class MemoryStore:
                 failures=failures,
                 now=now,
                 in_flight=len(record.leases),
-                active=record.status == "active",
+                status=record.status,
+                host_wave=record.members.get(host),
+                current_wave=record.wave,
             )
             if effect.progress is not None:
-                self._apply_effect(record, effect)
+                self._apply_effect(record, effect, decision.reason)
                 changed.append(host)
             if changed:
                 self._persist(task.id, hosts=changed)
@@ -259,14 +382,16 @@ class MemoryStore:
 
     def _sweep_locked(self, record: _TaskRecord, now: float, *, persist: bool = True) -> list[str]:
         expired = [h for h, until in record.leases.items() if until <= now]
+        reason = "no news within the lease"
         for host in expired:
-            effect = _failed(record.task, record.progress[host], "no news within the lease", now)
-            self._apply_effect(record, effect)
+            self._apply_effect(
+                record, failed(record.task, record.progress[host], reason, now), reason
+            )
         if expired and persist:
             self._persist(record.task.id, hosts=expired)
         return expired
 
-    def _apply_effect(self, record: _TaskRecord, effect: Effect) -> None:
+    def _apply_effect(self, record: _TaskRecord, effect: Effect, reason: str) -> None:
         assert effect.progress is not None
         progress = effect.progress
         record.progress[progress.host] = progress
@@ -277,12 +402,31 @@ class MemoryStore:
         record.done += effect.done
         record.failed += effect.failed
         record.failures += effect.failures
-        limit = record.task.limits.failure_limit
-        if record.status == "active" and effect.failures and record.failures >= limit:
+        wave = record.members.get(progress.host)
+        if wave is None:
+            return
+        c = record.waves[wave]
+        c = WaveCounters(
+            c.members, c.done + effect.done, c.failed + effect.failed, c.failures + effect.failures
+        )
+        record.waves[wave] = c
+        budget = record.task.effective_plan.waves[wave].budget(c.members)
+        if record.status == "active" and effect.failures and c.failures > budget:
             record.status = "halted"
-            record.halt_reason = (
-                f"{record.failures} failed attempts reached the failure limit of {limit}"
-            )
+            record.halt_reason = halt_reason(record.task, wave, c, progress.host, reason)
+
+    # ---- bad versions --------------------------------------------------------------------
+
+    def mark_bad(self, version: str, reason: str) -> None:
+        """Record that no later rollout may install ``version``."""
+        with self._lock:
+            self._bad[version] = reason
+            self._persist_bad(version, reason)
+
+    def bad_versions(self) -> dict[str, str]:
+        """Versions marked bad, with why."""
+        with self._lock:
+            return dict(self._bad)
 
     # ---- the fleet view ------------------------------------------------------------------
 
@@ -301,11 +445,16 @@ class MemoryStore:
 
     # ---- persistence hooks ---------------------------------------------------------------
 
-    def _persist(self, task_id: str, *, hosts: Iterable[str]) -> None:
-        """Called under the lock after a task or some of its hosts changed."""
+    def _persist(
+        self, task_id: str, *, hosts: Iterable[str], members: Mapping[str, int] | None = None
+    ) -> None:
+        """Called under the lock after a rollout, some of its hosts, or members changed."""
 
     def _persist_hosts(self, seen: list[HostSeen]) -> None:
         """Called under the lock after heartbeats were recorded."""
+
+    def _persist_bad(self, version: str, reason: str) -> None:
+        """Called under the lock after a version was marked bad."""
 
     def close(self) -> None:
         """Nothing to release."""

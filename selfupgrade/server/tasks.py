@@ -28,6 +28,8 @@ from ..models import (
     falcon_release,
     parse_version,
 )
+from ._fields import FieldError
+from .plan import Plan
 
 __all__ = [
     "FieldError",
@@ -37,19 +39,16 @@ __all__ = [
     "TaskCounters",
     "TaskLimits",
     "TaskStatus",
+    "WaveCounters",
     "seed_args",
     "task_from_seed",
 ]
 
-TaskStatus = Literal["active", "cancelled", "halted", "done"]
-
-
-class FieldError(ValueError):
-    """An admin request is invalid; ``field`` names the offending field."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
+TaskStatus = Literal["active", "paused", "halted", "aborted", "complete", "cancelled"]
+"""``active`` admits hosts; ``paused`` admits none until resumed; ``halted`` stopped itself
+(a wave exceeded its failure budget); ``aborted`` by an operator; ``complete`` after the last
+wave baked (late-joining hosts of a 100% last wave are still admitted); ``cancelled`` when
+another rollout replaced it."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +87,17 @@ class Task:
     Attributes:
         id: unique id, echoed by agents in their heartbeats.
         release: what to install.
-        limits: admission and retry limits.
+        limits: lease, retry and (for a task without a plan) admission limits.
         created_at: wall-clock time of publication.
         allow_downgrade: also move hosts that run a newer version.
         seed: the falcon API's view of the task (``type``, ``wgeturl``, ``version``,
             ``binfile_md5``, ``cfgfile_md5``), for ``GET /agent/upgrade/nowargs``.
+        plan: waves, targeting and window; ``None`` is one wave of every host with the
+            limits' ``max_in_flight`` and ``failure_limit`` (the falcon API's task).
+        kind: ``upgrade``, or ``rollback`` (hosts go back to ``release.version`` from their
+            backup generation when they have it).
+        rollback_of: the rollout a rollback undoes.
+        previous_version: the version most targeted hosts ran when the rollout started.
     """
 
     id: str
@@ -101,6 +106,17 @@ class Task:
     created_at: float = 0.0
     allow_downgrade: bool = False
     seed: Mapping[str, Any] | None = None
+    plan: Plan | None = None
+    kind: Literal["upgrade", "rollback"] = "upgrade"
+    rollback_of: str = ""
+    previous_version: str = ""
+
+    @property
+    def effective_plan(self) -> Plan:
+        """The plan, or the single wave of a task without one."""
+        if self.plan is not None:
+            return self.plan
+        return Plan.single(self.limits.max_in_flight, self.limits.failure_limit)
 
     @property
     def version(self) -> Version:
@@ -109,7 +125,13 @@ class Task:
 
     def order(self) -> UpgradeOrder:
         """The order sent to an admitted host."""
-        return UpgradeOrder(self.release, task_id=self.id, allow_downgrade=self.allow_downgrade)
+        rollback = self.kind == "rollback"
+        return UpgradeOrder(
+            self.release,
+            task_id=self.id,
+            allow_downgrade=self.allow_downgrade or rollback,
+            rollback=rollback,
+        )
 
     def done_for(self, beat: Heartbeat) -> bool:
         """Whether ``beat``'s host already has this task's result.
@@ -118,7 +140,7 @@ class Task:
         the program's version does not change, so the host is done when the digests it reports
         for those files match the task's.
         """
-        if Role.BIN in self.release.roles:
+        if Role.BIN in self.release.roles or not self.release.artifacts:
             return beat.version == self.version
         for artifact in self.release.artifacts:
             have = beat.files.get(artifact.role.value, {}).get(artifact.digest.algorithm)
@@ -159,6 +181,10 @@ class Task:
             "created_at": self.created_at,
             "allow_downgrade": self.allow_downgrade,
             "seed": dict(self.seed) if self.seed is not None else None,
+            "plan": self.plan.to_json() if self.plan is not None else None,
+            "kind": self.kind,
+            "rollback_of": self.rollback_of,
+            "previous_version": self.previous_version,
         }
 
     @classmethod
@@ -172,6 +198,10 @@ class Task:
             created_at=float(data["created_at"]),
             allow_downgrade=bool(data["allow_downgrade"]),
             seed=data.get("seed"),
+            plan=Plan.from_json(data["plan"]) if data.get("plan") else None,
+            kind=data.get("kind", "upgrade"),
+            rollback_of=data.get("rollback_of", ""),
+            previous_version=data.get("previous_version", ""),
         )
 
 
@@ -189,6 +219,8 @@ class HostProgress:
         started: while admitted, the host was seen working on the order.
         failures_at_admit: the host's own failure count when it was admitted.
         reason: why the last attempt failed.
+        admitted_at: when the host was last given a slot.
+        done_at: when it confirmed the new version.
     """
 
     host: str
@@ -199,6 +231,8 @@ class HostProgress:
     started: bool = False
     failures_at_admit: int = 0
     reason: str = ""
+    admitted_at: float = 0.0
+    done_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON object for stores and APIs."""
@@ -211,6 +245,8 @@ class HostProgress:
             "started": self.started,
             "failures_at_admit": self.failures_at_admit,
             "reason": self.reason,
+            "admitted_at": self.admitted_at,
+            "done_at": self.done_at,
         }
 
     @classmethod
@@ -224,16 +260,36 @@ class HostProgress:
 
 
 @dataclass(frozen=True)
-class TaskCounters:
-    """How a task is going.
+class WaveCounters:
+    """How one wave is going.
 
     Attributes:
-        status: ``active``, ``cancelled``, ``halted`` or ``done``.
+        members: hosts in the wave.
+        done: hosts that confirmed the new version.
+        failed: hosts given up on.
+        failures: failed attempts of the wave's hosts.
+    """
+
+    members: int = 0
+    done: int = 0
+    failed: int = 0
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class TaskCounters:
+    """How a rollout is going.
+
+    Attributes:
+        status: see :data:`TaskStatus`.
         in_flight: hosts holding a slot now.
         done: hosts that finished.
         failed: hosts given up on.
         failures: failed attempts, all hosts together.
-        halt_reason: why the task halted.
+        halt_reason: why it halted, or who aborted it.
+        wave: index of the current wave.
+        wave_done_at: when every host of the current wave had settled (the bake started).
+        waves: counters of each wave.
     """
 
     status: TaskStatus = "active"
@@ -242,6 +298,9 @@ class TaskCounters:
     failed: int = 0
     failures: int = 0
     halt_reason: str = ""
+    wave: int = 0
+    wave_done_at: float | None = None
+    waves: tuple[WaveCounters, ...] = ()
 
 
 @dataclass(frozen=True)

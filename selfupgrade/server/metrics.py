@@ -1,0 +1,98 @@
+"""Prometheus metrics of hbs, rendered at scrape time from the control plane's state.
+
+    selfupgrade_hosts{version}              hosts by the version they last reported
+    selfupgrade_hosts_by_state{state}       hosts by upgrade state
+    selfupgrade_slots_in_use                upgrade slots held in the active rollout
+    selfupgrade_slots_limit                 the current wave's limit
+    selfupgrade_rollout_done                hosts that confirmed the active rollout
+    selfupgrade_rollout_failed_hosts        hosts given up on
+    selfupgrade_rollout_failures_total      failed attempts in the active rollout
+    selfupgrade_rollout_phase{rollout,phase}  1 for the active rollout's status
+    selfupgrade_rollout_wave{rollout}       index of its current wave (0-based)
+
+A registry is built per scrape, so nothing here is global and two planes in one process (two
+tests, say) never mix.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .plane import ControlPlane
+
+__all__ = ["METRICS_CONTENT_TYPE", "render_metrics"]
+
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+_PHASES = ("active", "paused", "halted", "aborted", "complete", "cancelled")
+
+
+class _PlaneCollector:
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def collect(self) -> Iterator[Metric]:
+        plane = self.plane
+        plane.flush()
+        hosts = plane.store.hosts()
+        by_version = GaugeMetricFamily(
+            "selfupgrade_hosts", "Hosts by the version they last reported.", labels=["version"]
+        )
+        for version, n in sorted(Counter(s.version for s in hosts.values()).items()):
+            by_version.add_metric([version], n)
+        yield by_version
+        by_state = GaugeMetricFamily(
+            "selfupgrade_hosts_by_state", "Hosts by upgrade state.", labels=["state"]
+        )
+        for state, n in sorted(Counter(s.state for s in hosts.values()).items()):
+            by_state.add_metric([state], n)
+        yield by_state
+        task = plane.active_task()
+        if task is None:
+            return
+        c = plane.store.counters(task.id, plane._clock())
+        waves = task.effective_plan.waves
+        yield _gauge("selfupgrade_slots_in_use", "Upgrade slots held.", c.in_flight)
+        yield _gauge(
+            "selfupgrade_slots_limit",
+            "Upgrade slots the current wave allows.",
+            waves[min(c.wave, len(waves) - 1)].max_in_flight,
+        )
+        yield _gauge("selfupgrade_rollout_done", "Hosts that confirmed the rollout.", c.done)
+        yield _gauge("selfupgrade_rollout_failed_hosts", "Hosts given up on.", c.failed)
+        failures = CounterMetricFamily(
+            "selfupgrade_rollout_failures", "Failed attempts in the active rollout."
+        )
+        failures.add_metric([], c.failures)
+        yield failures
+        phase = GaugeMetricFamily(
+            "selfupgrade_rollout_phase",
+            "1 for the active rollout's status.",
+            labels=["rollout", "phase"],
+        )
+        for name in _PHASES:
+            phase.add_metric([task.id, name], 1 if c.status == name else 0)
+        yield phase
+        wave = GaugeMetricFamily(
+            "selfupgrade_rollout_wave", "Current wave (0-based).", labels=["rollout"]
+        )
+        wave.add_metric([task.id], c.wave)
+        yield wave
+
+    def describe(self) -> list[Any]:
+        return []
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=value)
+
+
+def render_metrics(plane: ControlPlane) -> bytes:
+    """The exposition text for one scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_PlaneCollector(plane))
+    return generate_latest(registry)

@@ -1,0 +1,402 @@
+"""Staged rollouts in the control plane, on every store, with a virtual clock."""
+
+from __future__ import annotations
+
+import datetime
+import zoneinfo
+from pathlib import Path
+
+import pytest
+
+from selfupgrade import Heartbeat, UpgradeState, parse_version
+from selfupgrade.models import Release
+from selfupgrade.server import ControlPlane, FieldError, MemoryStore, PlaneConfig, SqliteStore
+from selfupgrade.server.plan import Plan, Window, assign_waves
+from selfupgrade.server.rollouts import rollout_from_json
+from selfupgrade.server.tasks import Task, TaskLimits
+
+from .server_helpers import beat, task
+
+THREE_WAVES = {
+    "waves": [
+        {"name": "canary", "hosts": 1, "max_in_flight": 1, "bake_s": 5},
+        {"name": "quarter", "percent": 25, "max_in_flight": 2, "bake_s": 5},
+        {"name": "all", "percent": 100, "max_in_flight": 5},
+    ]
+}
+HOSTS = [f"h{i:02d}" for i in range(20)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        # a Wednesday, 03:00 in Shanghai
+        self.now = datetime.datetime(
+            2026, 11, 25, 3, 0, tzinfo=zoneinfo.ZoneInfo("Asia/Shanghai")
+        ).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SqliteStore(tmp_path / "hbs.db")
+    from selfupgrade.server.redis import RedisStore
+
+    return RedisStore(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = make_store(request.param, tmp_path, request)
+    yield s
+    s.close()
+
+
+def rollout(plan: dict, version: str = "1.1", **limits) -> Task:  # type: ignore[no-untyped-def, type-arg]
+    base = task(version)
+    settings = {"lease_s": 30, "max_attempts": 3, "retry_backoff_s": 10, **limits}
+    return Task("r1", base.release, TaskLimits(**settings), plan=Plan.from_json(plan))
+
+
+def fleet_plane(store, clock: Clock, labels=None) -> ControlPlane:  # type: ignore[no-untyped-def]
+    plane = ControlPlane(store, PlaneConfig(task_cache_s=0), clock=clock)
+    for h in HOSTS:
+        plane.heartbeat(
+            Heartbeat(host=h, version=parse_version("1.0"), labels=(labels or {}).get(h, {}))
+        )
+    return plane
+
+
+def admitted_now(plane: ControlPlane, hosts=HOSTS) -> set[str]:  # type: ignore[no-untyped-def]
+    return {h for h in hosts if plane.heartbeat(beat(h)) is not None}
+
+
+# ---- plans ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("plan", "field"),
+    [
+        ({}, "plan.waves"),
+        ({"waves": []}, "plan.waves"),
+        ({"waves": [{"name": "x"}]}, "plan.waves[0]"),
+        ({"waves": [{"hosts": 1, "percent": 5}]}, "plan.waves[0]"),
+        ({"waves": [{"percent": 150}]}, "plan.waves[0].percent"),
+        ({"waves": [{"percent": 50}, {"percent": 20}]}, "plan.waves[1].percent"),
+        ({"waves": [{"hosts": 0}]}, "plan.waves[0].hosts"),
+        ({"waves": [{"percent": 100, "max_in_flight": 0}]}, "plan.waves[0].max_in_flight"),
+        ({"waves": [{"percent": 100, "bake_s": -1}]}, "plan.waves[0].bake_s"),
+        ({"waves": [{"percent": 100, "max_failure_ratio": 2}]}, "plan.waves[0].max_failure_ratio"),
+        ({"waves": [{"percent": 100, "colour": "red"}]}, "plan.waves[0].colour"),
+        ({"waves": [{"percent": 100}], "selector": {"dc": 1}}, "plan.selector"),
+        (
+            {
+                "waves": [{"percent": 100}],
+                "window": {"days": ["xyz"], "start": "01:00", "end": "02:00"},
+            },
+            "plan.window.days",
+        ),
+        (
+            {
+                "waves": [{"percent": 100}],
+                "window": {"days": ["mon"], "start": "1:00", "end": "02:00"},
+            },
+            "plan.window.start",
+        ),
+        (
+            {
+                "waves": [{"percent": 100}],
+                "window": {"days": ["mon"], "start": "01:00", "end": "02:00", "tz": "Mars/Base"},
+            },
+            "plan.window.tz",
+        ),
+        ({"waves": [{"percent": 100}], "extra": 1}, "plan.extra"),
+    ],
+)
+def test_invalid_plans_name_the_field(plan: dict, field: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(FieldError) as info:
+        Plan.from_json(plan)
+    assert info.value.field == field
+
+
+def test_waves_are_cumulative_and_hosts_chosen_by_a_stable_hash() -> None:
+    plan = Plan.from_json(THREE_WAVES)
+    assert plan.sizes(20) == [1, 5, 20]
+    assert plan.sizes(2) == [1, 1, 2]
+    first = assign_waves(plan, HOSTS, "r1")
+    assert assign_waves(plan, reversed(HOSTS), "r1") == first  # same choice, any order
+    assert sorted(first.values()).count(0) == 1 and sorted(first.values()).count(1) == 4
+    canaries = {
+        next(h for h, w in assign_waves(plan, HOSTS, f"r{i}").items() if w == 0) for i in range(10)
+    }
+    assert len(canaries) > 3  # different rollouts pick different canaries
+
+
+def test_maintenance_window() -> None:
+    w = Plan.from_json(
+        {
+            "waves": [{"percent": 100}],
+            "window": {"days": ["wed"], "start": "02:00", "end": "05:00", "tz": "Asia/Shanghai"},
+        }
+    ).window
+    assert w is not None
+    sh = zoneinfo.ZoneInfo("Asia/Shanghai")
+    at = lambda d, h, m=0: datetime.datetime(2026, 11, d, h, m, tzinfo=sh).timestamp()  # noqa: E731
+    assert w.is_open(at(25, 3))  # Wednesday 03:00
+    assert not w.is_open(at(25, 5))  # end is exclusive
+    assert not w.is_open(at(26, 3))  # Thursday
+    night = Window(("sat",), "22:00", "02:00", "UTC")
+    utc = datetime.timezone.utc
+    assert night.is_open(datetime.datetime(2026, 11, 28, 23, tzinfo=utc).timestamp())  # Saturday
+    assert night.is_open(datetime.datetime(2026, 11, 29, 1, tzinfo=utc).timestamp())  # into Sunday
+    assert not night.is_open(datetime.datetime(2026, 11, 29, 3, tzinfo=utc).timestamp())
+
+
+# ---- waves in action ---------------------------------------------------------------------
+
+
+def confirm(plane: ControlPlane, hosts) -> None:  # type: ignore[no-untyped-def]
+    for h in hosts:
+        plane.heartbeat(beat(h, "1.1"))
+
+
+def test_waves_are_promoted_only_after_confirmation_and_bake(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    plane = fleet_plane(store, clock)
+    r = plane.publish(rollout(THREE_WAVES))
+    members = store.members(r.id)
+    by_wave = {k: sorted(h for h, w in members.items() if w == k) for k in range(3)}
+    assert [len(by_wave[k]) for k in range(3)] == [1, 4, 15]
+    assert r.previous_version == "1.0"
+
+    assert admitted_now(plane) == set(by_wave[0])
+    waiting = [h for h in HOSTS if h not in by_wave[0]]
+    plane.tick()
+    assert admitted_now(plane, waiting) == set()  # the canary has not confirmed yet
+    plane.heartbeat(beat(by_wave[0][0], "1.1", UpgradeState.CONFIRMING, confirmed=False))
+    plane.tick()
+    assert admitted_now(plane, waiting) == set()  # on trial is not confirmed
+    confirm(plane, by_wave[0])
+    plane.tick()  # settled: baking starts
+    clock.now += 4
+    plane.tick()
+    assert admitted_now(plane, waiting) == set()  # still baking
+    clock.now += 1
+    plane.tick()  # baked: wave 2
+    second = admitted_now(plane, waiting)
+    assert len(second) == 2 and second <= set(by_wave[1])  # its own limit of 2
+    confirm(plane, second)
+    assert len(admitted_now(plane, [h for h in waiting if h not in second])) == 2
+    confirm(plane, by_wave[1])
+    plane.tick()
+    clock.now += 5
+    plane.tick()
+    third = admitted_now(plane, by_wave[2])
+    assert len(third) == 5 and third <= set(by_wave[2])
+    confirm(plane, by_wave[2])
+    plane.tick()
+    plane.tick()
+    c = store.counters(r.id, clock.now)
+    assert c.status == "complete" and c.done == 20
+    assert [w.done for w in c.waves] == [1, 4, 15]
+
+
+def test_a_failed_canary_halts_the_rollout(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    plane = fleet_plane(store, clock)
+    r = plane.publish(rollout(THREE_WAVES))
+    canary = admitted_now(plane).pop()
+    plane.heartbeat(
+        beat(
+            canary,
+            "1.0",
+            UpgradeState.ROLLED_BACK,
+            failed_version="1.1",
+            failures=1,
+            error="1.1 crashed at start",
+        )
+    )
+    c = store.counters(r.id, clock.now)
+    assert c.status == "halted"
+    assert (
+        "wave 1 (canary) exceeded its failure budget: 1 failed attempt(s), 0 allowed"
+        in c.halt_reason
+    )
+    assert f"{canary}: 1.1 crashed at start" in c.halt_reason
+    clock.now += 1000
+    plane.tick()
+    assert admitted_now(plane) == set()
+    assert {p.host for p in store.all_progress(r.id)} == {canary}  # nobody else was touched
+    assert store.counters(r.id, clock.now).wave == 0
+
+
+def test_the_budget_of_a_later_wave(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    plan = {
+        "waves": [
+            {"name": "canary", "hosts": 1, "max_failures": 1},
+            {"name": "rest", "percent": 100, "max_in_flight": 4, "max_failure_ratio": 0.1},
+        ]
+    }
+    plane = fleet_plane(store, clock)
+    r = plane.publish(rollout(plan, max_attempts=1))
+    canary = admitted_now(plane).pop()
+    plane.heartbeat(beat(canary, state=UpgradeState.FAILED, task_id="r1", failures=1))
+    plane.tick()
+    plane.tick()  # one failure is within the canary's budget; the wave settled: promoted
+    assert store.counters(r.id, clock.now).wave == 1
+    batch = admitted_now(plane, [h for h in HOSTS if h != canary])
+    assert len(batch) == 4
+    for i, h in enumerate(sorted(batch)[:2]):
+        plane.heartbeat(beat(h, state=UpgradeState.FAILED, task_id="r1", failures=1))
+    c = store.counters(r.id, clock.now)
+    assert (
+        c.status == "halted" and "wave 2 (rest)" in c.halt_reason and "1 allowed" in c.halt_reason
+    )
+
+
+def test_pause_then_resume_continues(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    plane = fleet_plane(store, clock)
+    r = plane.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 3}]}))
+    first = admitted_now(plane)
+    assert plane.control(r.id, "pause")
+    assert not plane.control(r.id, "pause")  # already paused
+    confirm(plane, first)
+    rest = [h for h in HOSTS if h not in first]
+    assert admitted_now(plane, rest) == set()
+    assert plane.control(r.id, "resume")
+    assert len(admitted_now(plane, rest)) == 3
+    assert store.counters(r.id, clock.now).done == 3
+
+
+def test_abort_frees_slots_and_admits_nobody(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    plane = fleet_plane(store, clock)
+    r = plane.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 3}]}))
+    admitted_now(plane)
+    assert plane.control(r.id, "abort", "bad idea")
+    c = store.counters(r.id, clock.now)
+    assert (c.status, c.in_flight, c.halt_reason) == ("aborted", 0, "bad idea")
+    assert admitted_now(plane) == set()
+    assert not plane.control(r.id, "resume")
+
+
+def test_a_closed_window_admits_nobody(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()  # Wednesday 03:00 in Shanghai
+    plane = fleet_plane(store, clock)
+    closed = {
+        "waves": [{"percent": 100, "max_in_flight": 5}],
+        "window": {"days": ["sat", "sun"], "start": "02:00", "end": "05:00", "tz": "Asia/Shanghai"},
+    }
+    plane.publish(rollout(closed))
+    assert admitted_now(plane) == set()
+    opened = {**closed, "window": {**closed["window"], "days": ["wed"]}}
+    plane.publish(rollout(opened, "1.2"))
+    assert len(admitted_now(plane)) == 5
+
+
+def test_targeting_by_labels_and_late_joiners(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    labels = {h: {"dc": "bj" if i % 2 else "sh"} for i, h in enumerate(HOSTS)}
+    plane = fleet_plane(store, clock, labels)
+    r = plane.publish(
+        rollout({"waves": [{"percent": 100, "max_in_flight": 20}], "selector": {"dc": "bj"}})
+    )
+    assert set(store.members(r.id)) == {h for h in HOSTS if labels[h]["dc"] == "bj"}
+    got = {
+        h
+        for h in HOSTS
+        if plane.heartbeat(Heartbeat(host=h, version=parse_version("1.0"), labels=labels[h]))
+        is not None
+    }
+    assert got == set(store.members(r.id))
+    late = Heartbeat(host="new-bj", version=parse_version("1.0"), labels={"dc": "bj"})
+    assert plane.heartbeat(late) is not None
+    assert (
+        plane.heartbeat(Heartbeat(host="new-sh", version=parse_version("1.0"), labels={"dc": "sh"}))
+        is None
+    )
+
+
+def test_fleet_rollback_targets_upgraded_hosts_and_bad_versions_are_refused(store) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    plane = fleet_plane(store, clock)
+    r = plane.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 4}]}))
+    upgraded = admitted_now(plane)
+    confirm(plane, upgraded)
+    back = plane.rollback(r.id, mark_bad=True)
+    assert store.counters(r.id, clock.now).status == "aborted"
+    assert back.kind == "rollback" and str(back.version) == "1.0"
+    assert set(store.members(back.id)) == upgraded
+    order = plane.heartbeat(beat(sorted(upgraded)[0], "1.1"))
+    assert order is not None and order.rollback and order.release.artifacts == ()
+    assert plane.heartbeat(beat("h19" if "h19" not in upgraded else "h18", "1.0")) is None
+    with pytest.raises(FieldError, match="marked bad"):
+        plane.publish(rollout({"waves": [{"percent": 100}]}))
+    for h in upgraded:
+        plane.heartbeat(beat(h, "1.0"))
+    assert store.counters(back.id, clock.now).done == len(upgraded)
+
+
+def test_a_restarted_plane_keeps_waves_and_members(tmp_path: Path) -> None:
+    clock = Clock()
+    store = SqliteStore(tmp_path / "hbs.db")
+    plane = fleet_plane(store, clock)
+    r = plane.publish(rollout(THREE_WAVES))
+    canary = admitted_now(plane)
+    confirm(plane, canary)
+    plane.tick()
+    clock.now += 5
+    plane.tick()
+    members = store.members(r.id)
+    store.close()
+    again = SqliteStore(tmp_path / "hbs.db")
+    plane2 = ControlPlane(again, PlaneConfig(task_cache_s=0), clock=clock)
+    assert again.members(r.id) == members
+    c = again.counters(r.id, clock.now)
+    assert (c.wave, c.done, c.status) == (1, 1, "active")
+    assert len(admitted_now(plane2)) == 2
+    again.close()
+
+
+def test_rollout_requests_are_validated() -> None:
+    limits = TaskLimits()
+    ok = rollout_from_json(
+        {
+            "wgeturl": "http://127.0.0.1/f",
+            "version": "2.0",
+            "binfile_md5": "0" * 32,
+            "plan": THREE_WAVES,
+        },
+        limits,
+        0,
+    )
+    assert ok.seed is not None and ok.plan is not None and len(ok.plan.waves) == 3
+    for body, field in (
+        (
+            {"plan": THREE_WAVES, "release": {"version": "2.0", "artifacts": {}}},
+            "release.artifacts",
+        ),
+        (
+            {
+                "release": {
+                    "version": "2.0",
+                    "artifacts": {"bin": {"url": "file:///x", "digest": "md5:" + "0" * 32}},
+                },
+                "plan": THREE_WAVES,
+            },
+            "release",
+        ),
+        ({"wgeturl": "http://h/f", "version": "2.0", "binfile_md5": "0" * 32}, "plan"),
+        ({"plan": THREE_WAVES, "limits": {"lease_s": -1}}, "limits"),
+        ({"plan": THREE_WAVES, "bogus": 1}, "bogus"),
+    ):
+        with pytest.raises(FieldError) as info:
+            rollout_from_json(body, limits, 0)
+        assert info.value.field.startswith(field), (body, info.value.field)
+    rollback_release = Release(parse_version("1.0"), ())
+    assert rollback_release.artifacts == ()
