@@ -2,6 +2,8 @@
 
     python -m examples.demo                     # 20 agents, 5 upgrading at once, SQLite store
     python -m examples.demo --redis redis://127.0.0.1:6379/0    # two hbs replicas on Redis
+    python -m examples.demo --plan canary       # a staged rollout: 1 host, 25%, everyone
+    python -m examples.demo --scenario bad-release   # a release that crashes halts at the canary
 
 On 127.0.0.1 only: starts hbs (HTTP on the seed's port 6031; 6032 too for the second replica),
 a static artifact server, builds falcon-agent 6.0.0 and 6.0.1 as real artifacts with their
@@ -17,6 +19,7 @@ import argparse
 import contextlib
 import json
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +42,7 @@ def say(text: str) -> None:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -63,6 +67,77 @@ def fleet_line(status: dict[str, Any], started: float, n: int) -> str:
     )
 
 
+def load_plan(choice: str | None, queue: int) -> dict[str, Any] | None:
+    """The plan for ``--plan``: a JSON file, or ``canary`` (1 host, 25%, everyone)."""
+    if choice is None:
+        return None
+    if choice == "canary":
+        return {
+            "waves": [
+                {"name": "canary", "hosts": 1, "max_in_flight": 1, "bake_s": 3},
+                {"name": "25%", "percent": 25, "max_in_flight": max(1, queue // 2), "bake_s": 3},
+                {"name": "all", "percent": 100, "max_in_flight": queue},
+            ]
+        }
+    try:
+        plan: dict[str, Any] = json.loads(Path(choice).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"demo: cannot read the plan {choice}: {exc}") from None
+    return plan
+
+
+def staged(
+    client: httpx.Client,
+    hbs: list[str],
+    body: dict[str, Any],
+    plan: dict[str, Any],
+    n: int,
+    bad: bool,
+) -> int:
+    """Start a staged rollout and follow it with ``selfupgrade rollout watch``."""
+    say(f"POST {hbs[0]}/selfupgrade/v1/rollouts with the plan:")
+    for w in plan["waves"]:
+        say(f"    {json.dumps(w)}")
+    reply = client.post(
+        f"{hbs[0]}/selfupgrade/v1/rollouts", content=json.dumps({**body, "plan": plan})
+    )
+    if reply.status_code != 201:
+        say(f"-> {reply.status_code} {reply.text}")
+        return 1
+    rollout_id = reply.json()["task"]["id"]
+    say(f"rollout {rollout_id} started; selfupgrade rollout watch {rollout_id}:")
+    watch = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "selfupgrade",
+            "rollout",
+            "--server",
+            hbs[-1],
+            "watch",
+            rollout_id,
+            "--interval-s",
+            "1",
+        ],
+        check=False,
+    )
+    versions = Counter(client.get(f"{hbs[0]}/agentversions").json()["data"].values())
+    say(f"watch exited {watch.returncode}; fleet: {dict(sorted(versions.items()))}")
+    if bad:
+        detail = client.get(f"{hbs[0]}/selfupgrade/v1/rollouts/{rollout_id}").json()
+        ok = watch.returncode == 2 and versions.get(OLD) == n and detail["wave"] == 0
+        say(
+            "done: the bad release halted at the canary, the canary rolled itself back to "
+            f"{OLD}, and no other host was touched"
+            if ok
+            else "FAILED: the bad release was not stopped at the canary"
+        )
+        return 0 if ok else 1
+    ok = watch.returncode == 0 and versions.get(NEW) == n
+    say(f"done: {n} agents upgraded wave by wave" if ok else "FAILED: the rollout did not complete")
+    return 0 if ok else 1
+
+
 def run(args: argparse.Namespace) -> int:
     """The demo; see the module docstring."""
     n, queue = args.agents, args.queue
@@ -74,7 +149,12 @@ def run(args: argparse.Namespace) -> int:
             "collect_interval": 1,
             "confirm_timeout_s": 30,
         }
-        old, new = build(OLD, config=agent_cfg), build(NEW, config=agent_cfg)
+        bad = args.scenario == "bad-release"
+        old = build(OLD, config=agent_cfg)
+        new = build(NEW, config=agent_cfg, crash_at_start=bad)
+        plan = load_plan(args.plan or ("canary" if bad else None), queue)
+        if bad:
+            say(f"scenario bad-release: {NEW} exits with status 3 as soon as it starts")
         files = stack.enter_context(ArtifactServer())
         files.add(f"file/open-falcon/bin_{NEW}", new.program)
         files.add(f"file/open-falcon/cfg_{NEW}", new.config)
@@ -122,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"all {n} agents heartbeat {OLD}")
 
         body = {"wgeturl": wgeturl, "version": NEW, "binfile_md5": new.bin_md5}
+        if plan is not None:
+            return staged(client, hbs, body, plan, n, bad)
         say(f"curl -X POST {hbs[0]}/agent/upgrade -d '{json.dumps(body)}'")
         reply = client.post(f"{hbs[0]}/agent/upgrade", content=json.dumps(body))
         say(f"-> {reply.status_code} {reply.text}")
@@ -170,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="agent heartbeat interval (s)")
     parser.add_argument("--lease-s", type=float, default=20.0, help="slot lease (s)")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
+    parser.add_argument(
+        "--plan",
+        metavar="FILE|canary",
+        help="a staged rollout: a plan JSON file, or 'canary' (1 host, 25%%, everyone)",
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=["good", "bad-release"],
+        default="good",
+        help="bad-release: the new version crashes at start; it halts at the canary",
+    )
     args = parser.parse_args(argv)
     if args.queue >= args.agents:
         parser.error("--queue must be below --agents, or there is nothing to queue")

@@ -108,6 +108,33 @@ class Hbs:
         """``POST /agent/upgrade`` with ``body``, as curl sends it."""
         return httpx.post(f"{self.url}/agent/upgrade", content=json.dumps(body), timeout=5)
 
+    def start_rollout(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /selfupgrade/v1/rollouts``; the rollout's detail.
+
+        Raises:
+            RuntimeError: hbs refused the rollout (the message is its answer).
+        """
+        reply = httpx.post(
+            f"{self.url}/selfupgrade/v1/rollouts", content=json.dumps(body), timeout=10
+        )
+        if reply.status_code != 201:
+            raise RuntimeError(f"hbs refused the rollout: {reply.status_code} {reply.text}")
+        return reply.json()  # type: ignore[no-any-return]
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        """``GET /selfupgrade/v1/rollouts/{id}``."""
+        return httpx.get(f"{self.url}/selfupgrade/v1/rollouts/{rollout_id}", timeout=10).json()  # type: ignore[no-any-return]
+
+    def act(
+        self, rollout_id: str, action: str, body: Mapping[str, Any] | None = None
+    ) -> httpx.Response:
+        """``POST /selfupgrade/v1/rollouts/{id}/{action}``."""
+        return httpx.post(
+            f"{self.url}/selfupgrade/v1/rollouts/{rollout_id}/{action}",
+            content=json.dumps(body or {}),
+            timeout=10,
+        )
+
     def __enter__(self) -> Hbs:
         return self.start()
 

@@ -195,11 +195,7 @@ def render(d: dict[str, Any]) -> str:
         )
     for w in d["waves"]:
         counts = "  ".join(f"{s} {w['states'].get(s, 0)}" for s in STATES if w["states"].get(s))
-        bake = (
-            f", baking {_duration(w['bake_left_s'])} left"
-            if w.get("bake_left_s") is not None
-            else ""
-        )
+        bake = f" ({_duration(w['bake_left_s'])} left)" if w.get("bake_left_s") is not None else ""
         lines.append(
             f"  wave {w['index'] + 1} {w['name']:<10} {_bar(w['done'], w['failed'], w['members'])} "
             f"{w['done']:>3}/{w['members']:<3} {w['phase']}{bake}  failures {w['failures']}/"

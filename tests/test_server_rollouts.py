@@ -250,7 +250,7 @@ def test_the_budget_of_a_later_wave(store) -> None:  # type: ignore[no-untyped-d
     assert store.counters(r.id, clock.now).wave == 1
     batch = admitted_now(plane, [h for h in HOSTS if h != canary])
     assert len(batch) == 4
-    for i, h in enumerate(sorted(batch)[:2]):
+    for h in sorted(batch)[:2]:
         plane.heartbeat(beat(h, state=UpgradeState.FAILED, task_id="r1", failures=1))
     c = store.counters(r.id, clock.now)
     assert (

@@ -21,7 +21,7 @@ DASHBOARD_HTML = """<!doctype html>
   header { background: #263238; color: #fff; padding: 10px 20px; display: flex;
            justify-content: space-between; align-items: baseline; }
   header h1 { font-size: 18px; margin: 0; }
-  main { display: grid; grid-template-columns: 320px 1fr; gap: 16px; padding: 16px 20px; }
+  main { display: grid; grid-template-columns: 400px 1fr; gap: 16px; padding: 16px 20px; }
   section { background: #fff; border-radius: 6px; padding: 12px 16px;
             box-shadow: 0 1px 2px rgba(0,0,0,.08); }
   h2 { font-size: 15px; margin: 0 0 8px; }

@@ -398,6 +398,8 @@ class ControlPlane:
             wc = c.waves[k] if k < len(c.waves) else None
             if k < c.wave or (c.status == "complete"):
                 phase = "complete"
+            elif k == c.wave and c.status in ("halted", "paused", "aborted", "cancelled"):
+                phase = c.status
             elif k == c.wave:
                 phase = "baking" if c.wave_done_at is not None else "running"
             else:
