@@ -7,6 +7,7 @@
     selfupgrade confirm --state-dir DIR
     selfupgrade rollback --state-dir DIR [--reason TEXT]
     selfupgrade rollout start|status|watch|pause|resume|abort|rollback [--server URL] ...
+    selfupgrade release keygen|sign|verify ...
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from . import _rollout_cli
+from . import _release_cli, _rollout_cli
 from .errors import SelfUpgradeError
 
 __all__ = ["main"]
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "rollback":
             p.add_argument("--reason", default="rolled back by an operator")
     _rollout_cli.add_parser(sub)
+    _release_cli.add_parser(sub)
     return parser
 
 
@@ -63,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "rollout":
         return _rollout_cli.run(args)
+    if args.command == "release":
+        return _release_cli.run(args)
     try:
         if args.command == "guard":
             cmd = list(args.cmd)

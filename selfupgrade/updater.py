@@ -439,7 +439,7 @@ class Updater:
             self._task_id = order.task_id
         self._set(UpgradeState.DOWNLOADING)
         log.info("upgrading %s -> %s (task %s)", self.version, order.version, order.task_id or "-")
-        self._verifier.check_order(order)
+        self._verifier.check_order(order, current=self.version)
         targets = {a.role: self.layout.resolve(a) for a in order.release.artifacts}
         self._installer.preflight([(targets[a.role], a.size) for a in order.release.artifacts])
         staged: list[StagedFile] = []

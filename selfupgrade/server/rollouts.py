@@ -13,6 +13,7 @@ or the falcon API's fields (``wgeturl``, ``version``, ``binfile_md5``, ``cfgfile
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Mapping
 from dataclasses import replace
@@ -88,12 +89,22 @@ def rollout_from_json(body: object, defaults: TaskLimits, now: float) -> Task:
     allow_downgrade = body.get("allow_downgrade", False)
     if not isinstance(allow_downgrade, bool):
         raise FieldError("allow_downgrade", "must be true or false")
+    manifest = body.get("manifest")
+    if manifest is not None:
+        if isinstance(manifest, Mapping):
+            manifest = json.dumps(manifest)
+        if not isinstance(manifest, str) or len(manifest) > 256 * 1024:
+            raise FieldError("manifest", "must be the signed manifest (JSON), at most 256 KiB")
+    manifest_bytes = manifest.encode() if manifest is not None else None
     task_id = secrets.token_hex(8)
     if "release" in body:
         release = release_from_json(body["release"], "release")
         if not release.artifacts:
             raise FieldError("release.artifacts", "must name at least one artifact")
-        return Task(task_id, release, limits, now, allow_downgrade, plan=plan)
-    seed: dict[str, Any] = {k: body[k] for k in _TOP - {"release", "plan", "limits"} if k in body}
+        return Task(
+            task_id, release, limits, now, allow_downgrade, plan=plan, manifest=manifest_bytes
+        )
+    seed_keys = _TOP - {"release", "plan", "limits", "manifest"}
+    seed: dict[str, Any] = {k: body[k] for k in seed_keys if k in body}
     task = task_from_seed(seed, limits=limits, now=now, task_id=task_id)
-    return replace(task, plan=plan)
+    return replace(task, plan=plan, manifest=manifest_bytes)

@@ -98,6 +98,7 @@ class Task:
             backup generation when they have it).
         rollback_of: the rollout a rollback undoes.
         previous_version: the version most targeted hosts ran when the rollout started.
+        manifest: the release's signed manifest, sent to agents with the order.
     """
 
     id: str
@@ -110,6 +111,7 @@ class Task:
     kind: Literal["upgrade", "rollback"] = "upgrade"
     rollback_of: str = ""
     previous_version: str = ""
+    manifest: bytes | None = field(default=None, repr=False)
 
     @property
     def effective_plan(self) -> Plan:
@@ -131,6 +133,7 @@ class Task:
             task_id=self.id,
             allow_downgrade=self.allow_downgrade or rollback,
             rollback=rollback,
+            manifest=self.manifest,
         )
 
     def done_for(self, beat: Heartbeat) -> bool:
@@ -202,6 +205,7 @@ class Task:
             kind=data.get("kind", "upgrade"),
             rollback_of=data.get("rollback_of", ""),
             previous_version=data.get("previous_version", ""),
+            manifest=order.manifest,
         )
 
 

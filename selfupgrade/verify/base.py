@@ -2,9 +2,9 @@
 
 A verifier is asked twice per upgrade:
 
-1. :meth:`Verifier.check_order`, before anything is downloaded, with the whole order. A
-   signature verifier checks the release manifest here; a digest verifier checks that the
-   order's digests use algorithms it accepts.
+1. :meth:`Verifier.check_order`, before anything is downloaded, with the whole order and the
+   running version. A signature verifier checks the release manifest here; a digest verifier
+   checks that the order's digests use algorithms it accepts.
 2. :meth:`Verifier.begin` for each artifact, which returns a :class:`StreamCheck` that sees
    every chunk as it arrives and, at the end, says whether the bytes are the expected ones.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from ..models import Artifact, UpgradeOrder
+from ..models import Artifact, UpgradeOrder, Version
 
 __all__ = ["StreamCheck", "Verifier"]
 
@@ -43,8 +43,13 @@ class StreamCheck(Protocol):
 class Verifier(Protocol):
     """Decides whether an order, and then each artifact's bytes, may be installed."""
 
-    def check_order(self, order: UpgradeOrder) -> None:
+    def check_order(self, order: UpgradeOrder, *, current: Version | None = None) -> None:
         """Accept or refuse the order as a whole, before any download.
+
+        Args:
+            order: the order.
+            current: the version this host runs (a signed verifier refuses an older release
+                unless its manifest is signed as a rollback).
 
         Raises:
             UntrustedContent: the order's trust data (manifest, digests) is not acceptable.

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterable
 
 from ..errors import DigestMismatch, OrderRejected
-from ..models import Artifact, Digest, HashAlgorithm, UpgradeOrder
+from ..models import Artifact, Digest, HashAlgorithm, UpgradeOrder, Version
 
 __all__ = ["DigestCheck", "DigestVerifier"]
 
@@ -58,7 +58,7 @@ class DigestVerifier:
         self._accepted = set(algorithms) | ({"md5"} if allow_md5 else set())
         self._warned = False
 
-    def check_order(self, order: UpgradeOrder) -> None:
+    def check_order(self, order: UpgradeOrder, *, current: Version | None = None) -> None:
         """Raises:
         OrderRejected: if an artifact's digest uses an algorithm this verifier does not accept.
         """
