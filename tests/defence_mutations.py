@@ -7,80 +7,76 @@ tests of the attack that defence answers; "NOTHING FAILED" would mean a test tha
     python tests/defence_mutations.py      (from the repository root)
 """
 
-import shutil
+from __future__ import annotations
+
 import subprocess
 import sys
+from pathlib import Path
 
-MUTANTS = {
-    "signature check": (
-        "selfupgrade/verify/signature.py",
-        "        message = canonical(manifest.signed)\n",
-        "        return\n        message = canonical(manifest.signed)\n",
-    ),
-    "unsigned check": (
-        "selfupgrade/verify/signature.py",
-        "        if order.manifest is None:\n",
-        "        if False:\n",
-    ),
-    "expiry": (
-        "selfupgrade/verify/signature.py",
-        "        if manifest.expires <= now:",
-        "        if False:",
-    ),
-    "product/platform": (
-        "selfupgrade/verify/signature.py",
-        "        if (manifest.product, manifest.platform) != (self.product, self.platform):",
-        "        if False:",
-    ),
-    "version": (
-        "selfupgrade/verify/signature.py",
-        "        if manifest.version != order.version:",
-        "        if False:",
-    ),
-    "whole release": (
-        "selfupgrade/verify/signature.py",
-        "        if roles != set(manifest.artifacts):",
-        "        if False:",
-    ),
-    "rollback": (
-        "selfupgrade/verify/signature.py",
-        "        if current is not None and manifest.version < current and not manifest.rollback:",
-        "        if False:",
-    ),
-    "signed size": (
-        "selfupgrade/verify/signature.py",
-        "        if self._size > self._expected.size:",
-        "        if False:",
-    ),
-    "signed digest": (
-        "selfupgrade/verify/signature.py",
-        "        if not hmac.compare_digest(actual, self._expected.sha256):",
-        "        if False:",
-    ),
-    "deadline": (
-        "selfupgrade/_download.py",
-        "        if self._clock() > self._deadline:",
-        "        if False:",
-    ),
+SIGNATURE = Path("selfupgrade/verify/signature.py")
+DOWNLOAD = Path("selfupgrade/_download.py")
+HTTP = Path("selfupgrade/transport/http.py")
+
+# name -> edits (file, text, replacement) that remove the defence
+MUTANTS: dict[str, list[tuple[Path, str, str]]] = {
+    "signature check": [
+        (
+            SIGNATURE,
+            "        message = canonical(manifest.signed)\n",
+            "        return\n        message = canonical(manifest.signed)\n",
+        )
+    ],
+    "unsigned check": [(SIGNATURE, "        if order.manifest is None:\n", "        if False:\n")],
+    "expiry": [(SIGNATURE, "        if manifest.expires <= now:", "        if False:")],
+    "product/platform": [
+        (
+            SIGNATURE,
+            "        if (manifest.product, manifest.platform) != (self.product, self.platform):",
+            "        if False:",
+        )
+    ],
+    "version": [(SIGNATURE, "        if manifest.version != order.version:", "        if False:")],
+    "whole release": [
+        (SIGNATURE, "        if roles != set(manifest.artifacts):", "        if False:")
+    ],
+    "rollback": [
+        (
+            SIGNATURE,
+            "        if current is not None and manifest.version < current and "
+            "not manifest.rollback:",
+            "        if False:",
+        )
+    ],
+    "signed size": [
+        (SIGNATURE, "        if self._size > self._expected.size:", "        if False:")
+    ],
+    "signed digest": [
+        (
+            SIGNATURE,
+            "        if not hmac.compare_digest(actual, self._expected.sha256):",
+            "        if False:",
+        )
+    ],
+    "deadline": [
+        (DOWNLOAD, "        if self._clock() > self._deadline:", "        if False:"),
+        (
+            HTTP,
+            "                        if time.monotonic() > deadline:",
+            "                        if False:",
+        ),
+    ],
 }
-results = {}
-for name, (path, old, new) in MUTANTS.items():
-    src = open(path).read()
-    assert old in src, name
-    shutil.copy(path, "/tmp/mutant.bak")
+
+
+def run_without(edits: list[tuple[Path, str, str]]) -> list[str]:
+    originals = {path: path.read_text() for path, _, _ in edits}
     try:
-        if name == "deadline":
-            http = "selfupgrade/transport/http.py"
-            shutil.copy(http, "/tmp/mutant_http.bak")
-            h = open(http).read()
-            h2 = h.replace(
-                "                        if time.monotonic() > deadline:",
-                "                        if False:",
-            )
-            assert h2 != h
-            open(http, "w").write(h2)
-        open(path, "w").write(src.replace(old, new, 1))
-        out = subprocess.run(
+        for path, old, new in edits:
+            text = path.read_text()
+            if old not in text:
+                raise SystemExit(f"{path} no longer contains {old.strip()!r}; update this script")
+            path.write_text(text.replace(old, new, 1))
+        result = subprocess.run(
             [
                 sys.executable,
                 "-m",
@@ -88,22 +84,32 @@ for name, (path, old, new) in MUTANTS.items():
                 "-q",
                 "--timeout",
                 "60",
-                "tests/test_attacks.py",
                 "-p",
                 "no:cacheprovider",
+                "tests/test_attacks.py",
             ],
             capture_output=True,
             text=True,
+            check=False,
         )
-        failed = [
-            l.split("::")[1].split(" ")[0]
-            for l in out.stdout.splitlines()
-            if l.startswith("FAILED")
-        ]
-        results[name] = failed or ["NOTHING FAILED"]
     finally:
-        shutil.copy("/tmp/mutant.bak", path)
-        if name == "deadline":
-            shutil.copy("/tmp/mutant_http.bak", "selfupgrade/transport/http.py")
-for k, v in results.items():
-    print(f"{k:18} -> {', '.join(v)}")
+        for path, text in originals.items():
+            path.write_text(text)
+    return [
+        line.split("::", 1)[1].split(" ")[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("FAILED")
+    ]
+
+
+def main() -> int:
+    missing = 0
+    for name, edits in MUTANTS.items():
+        failed = run_without(edits)
+        missing += not failed
+        print(f"{name:18} -> {', '.join(failed) or 'NOTHING FAILED'}")
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
