@@ -12,7 +12,8 @@ Host-specific settings come from the environment, so one cfg.json (which upgrade
 serves every host: FALCON_AGENT_HOSTNAME, FALCON_AGENT_HBS (heartbeat address),
 FALCON_AGENT_STATE_DIR, FALCON_AGENT_HTTP (metrics listen address, or "off"),
 FALCON_AGENT_RESTARTER (systemd, supervisor or exec), FALCON_AGENT_PROGRAM (supervisord name),
-FALCON_AGENT_LABELS (host labels for targeting, ``dc=bj,role=db``).
+FALCON_AGENT_LABELS (host labels for targeting, ``dc=bj,role=db``), FALCON_AGENT_TOKEN (the
+heartbeat token, when hbs requires one).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def load_config(path: Path) -> dict[str, Any]:
     env = os.environ
     cfg["hostname"] = env.get("FALCON_AGENT_HOSTNAME") or cfg["hostname"] or socket.gethostname()
     cfg["heartbeat"]["addr"] = env.get("FALCON_AGENT_HBS", cfg["heartbeat"]["addr"])
+    cfg["heartbeat"]["token"] = env.get("FALCON_AGENT_TOKEN", cfg["heartbeat"]["token"])
     cfg["state_dir"] = env.get("FALCON_AGENT_STATE_DIR", cfg["state_dir"])
     cfg["restarter"] = env.get("FALCON_AGENT_RESTARTER", cfg["restarter"])
     cfg["supervisor_program"] = env.get("FALCON_AGENT_PROGRAM", cfg["supervisor_program"])
@@ -209,11 +211,27 @@ def make_updater(cfg: dict[str, Any], here: Path, collector: Collector) -> su.Up
     """The updater, configured from cfg."""
     hb = cfg["heartbeat"]
     timeout_s = float(hb["timeout"]) / 1000
+    token = hb.get("token") or None
+    settings = su.HttpSettings(
+        connect_timeout_s=timeout_s, read_timeout_s=10, verify=hb.get("ca_file") or True
+    )
     if hb["transport"] == "rpc":
-        transport: su.Transport = FalconRpcTransport(hb["addr"], timeout_s=max(timeout_s, 1.0))
+        transport: su.Transport = FalconRpcTransport(
+            hb["addr"], timeout_s=max(timeout_s, 1.0), token=token
+        )
     else:
-        transport = su.HttpTransport(
-            hb["addr"], settings=su.HttpSettings(connect_timeout_s=timeout_s, read_timeout_s=10)
+        transport = su.HttpTransport(hb["addr"], settings=settings, token=token)
+    verifier: su.Verifier = su.DigestVerifier(allow_md5=bool(cfg["allow_md5"]))
+    trust = cfg["trust"]
+    if trust["keys"]:
+        # with trusted keys configured, only signed releases are installed
+        from selfupgrade.verify.signature import SignatureVerifier, load_public_key
+
+        verifier = SignatureVerifier(
+            [load_public_key(Path(p).read_bytes()) for p in trust["keys"]],
+            threshold=int(trust["threshold"]),
+            product=trust["product"],
+            platform=trust["platform"],
         )
     kind = cfg["restarter"]
     restarter: su.Restarter
@@ -237,7 +255,8 @@ def make_updater(cfg: dict[str, Any], here: Path, collector: Collector) -> su.Up
                 max_starts=int(cfg["max_starts"]), timeout_s=float(cfg["confirm_timeout_s"])
             ),
         ),
-        verifier=su.DigestVerifier(allow_md5=bool(cfg["allow_md5"])),
+        verifier=verifier,
+        fetcher=su.HttpFetcher(settings=settings),
         health_check=lambda: HEALTHY and collector.samples > 0,
     )
 

@@ -38,6 +38,11 @@ configuration (cfg.json keys; a flag overrides its key):
   retry_backoff_s              --retry-backoff-s S  wait before a failed host is retried (doubles)
   failure_limit                --failure-limit N    failed attempts after which the task halts
   admin_token                  --admin-token T      admin routes also need 'Bearer T'
+  tokens                                            {"<token>": "read"|"write"} scoped tokens
+  protect_reads                                     read routes need a read or write token
+  agent_token                  --agent-token T      heartbeats need 'Bearer T' (RPC: Token)
+  agent_tokens                                      {"<host>": "<token>"} per-host tokens
+  tls.cert, tls.key            --tls-cert/--tls-key serve HTTPS with this certificate and key
   loopback_admin_only                               admin routes answer only local callers
   max_body_bytes                                    larger request bodies get 413
   log_level                    --log-level LEVEL    debug, info, warning, error
@@ -59,6 +64,7 @@ class Config:
     limits: TaskLimits
     app: AppConfig
     log_level: str
+    tls: tuple[Path, Path] | None = None
 
 
 def _address(text: str, name: str) -> tuple[str, int]:
@@ -85,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--max-attempts", type=int)
     parser.add_argument("--retry-backoff-s", type=float)
     parser.add_argument("--failure-limit", type=int)
-    parser.add_argument("--admin-token")
+    parser.add_argument("--admin-token", help="a write-scope token for admin routes")
+    parser.add_argument("--agent-token", help="a shared token agents must send")
+    parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     parser.add_argument("--log-level")
     args = parser.parse_args(argv)
     cfg = dict(DEFAULTS)
@@ -118,11 +127,25 @@ def parse_args(argv: list[str] | None = None) -> Config:
         limits=limits,
         app=AppConfig(
             admin_token=pick(args.admin_token, "admin_token"),
+            tokens=dict(cfg.get("tokens") or {}),
+            protect_reads=bool(cfg.get("protect_reads", False)),
             loopback_admin_only=bool(cfg["loopback_admin_only"]),
+            agent_token=args.agent_token or cfg.get("agent_token", ""),
+            agent_tokens=dict(cfg.get("agent_tokens") or {}),
             max_body_bytes=int(cfg["max_body_bytes"]),
         ),
         log_level=pick(args.log_level, "log_level"),
+        tls=_tls(args, cfg),
     )
+
+
+def _tls(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[Path, Path] | None:
+    tls = cfg.get("tls") or {}
+    cert = args.tls_cert or (Path(tls["cert"]) if tls.get("cert") else None)
+    key = args.tls_key or (Path(tls["key"]) if tls.get("key") else None)
+    if (cert is None) != (key is None):
+        raise SystemExit("hbs: TLS needs both a certificate and its key")
+    return (cert, key) if cert is not None and key is not None else None
 
 
 def open_store(url: str) -> Store:
@@ -140,7 +163,14 @@ async def serve(cfg: Config) -> None:
     """Run the HTTP API and the RPC listener until SIGINT/SIGTERM."""
     store = open_store(cfg.store)
     plane = ControlPlane(store, PlaneConfig(limits=cfg.limits))
-    rpc = await serve_falcon_rpc(plane, *cfg.rpc) if cfg.rpc else None
+    needs_token = bool(cfg.app.agent_token or cfg.app.agent_tokens)
+    rpc = (
+        await serve_falcon_rpc(
+            plane, *cfg.rpc, token_for=cfg.app.agent_token_for if needs_token else None
+        )
+        if cfg.rpc
+        else None
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(plane, cfg.app),
@@ -152,10 +182,13 @@ async def serve(cfg: Config) -> None:
             log_level="warning",
             timeout_keep_alive=30,
             backlog=4096,
+            ssl_certfile=str(cfg.tls[0]) if cfg.tls else None,
+            ssl_keyfile=str(cfg.tls[1]) if cfg.tls else None,
         )
     )
     log.info(
-        "hbs on http://%s:%d%s, store %s, %d slots, lease %gs",
+        "hbs on %s://%s:%d%s, store %s, %d slots, lease %gs",
+        "https" if cfg.tls else "http",
         *cfg.http,
         f", rpc {cfg.rpc[0]}:{cfg.rpc[1]}" if cfg.rpc else "",
         cfg.store,

@@ -22,8 +22,10 @@ Routes:
 
 Admin routes answer only callers on a loopback address (127.0.0.0/8 or ::1) that came without
 proxy headers (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``): a proxy on localhost does
-not make a remote caller local. With ``admin_token`` set they also need
-``Authorization: Bearer <token>`` (compared in constant time). Bodies are capped at
+not make a remote caller local. With tokens configured they also need
+``Authorization: Bearer <token>`` of the ``write`` scope (compared in constant time); with
+``protect_reads`` the read routes need a ``read`` or ``write`` token. Heartbeats need the
+agent's token when ``agent_token`` or ``agent_tokens`` is set. Bodies are capped at
 ``max_body_bytes``. Every error is JSON: ``{"msg": "error", "field": ..., "error": ...}``.
 """
 
@@ -35,8 +37,8 @@ import hmac
 import ipaddress
 import json
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 try:
@@ -57,7 +59,7 @@ from .plane import ControlPlane
 from .rollouts import release_from_json, rollout_from_json
 from .tasks import FieldError, seed_args
 
-__all__ = ["AppConfig", "create_app"]
+__all__ = ["AppConfig", "bearer_scope", "create_app", "token_matches"]
 
 log = logging.getLogger("selfupgrade.server")
 
@@ -70,16 +72,57 @@ class AppConfig:
     """Settings of the HTTP front end.
 
     Attributes:
-        admin_token: when set, admin routes need ``Authorization: Bearer <token>``.
+        admin_token: a token with the ``write`` scope (kept for simple setups).
+        tokens: bearer tokens and their scope, ``{"<token>": "read" | "write"}``. When any
+            token is set, admin routes (POST, DELETE) need a ``write`` token.
+        protect_reads: read routes (status, rollouts, versions, metrics) also need a token,
+            ``read`` or ``write``.
         loopback_admin_only: admin routes answer only loopback callers (the seed's rule).
+        agent_token: when set, heartbeats need ``Authorization: Bearer <agent_token>``.
+        agent_tokens: per-host heartbeat tokens, ``{"<host>": "<token>"}``; a host without
+            one is refused.
         max_body_bytes: larger request bodies are refused with 413.
         tick_s: how often the plane's housekeeping runs (flush heartbeats, expire leases).
     """
 
     admin_token: str = ""
+    tokens: Mapping[str, str] = field(default_factory=dict)
+    protect_reads: bool = False
     loopback_admin_only: bool = True
+    agent_token: str = ""
+    agent_tokens: Mapping[str, str] = field(default_factory=dict)
     max_body_bytes: int = 64 * 1024
     tick_s: float = 1.0
+
+    def scopes(self) -> dict[str, str]:
+        """Every bearer token and its scope."""
+        out = dict(self.tokens)
+        if self.admin_token:
+            out[self.admin_token] = "write"
+        return out
+
+    def agent_token_for(self, host: str) -> str | None:
+        """The token a heartbeat of ``host`` needs, ``""`` if none is required, ``None`` if the
+        host has no token while per-host tokens are configured."""
+        if self.agent_tokens:
+            return self.agent_tokens.get(host)
+        return self.agent_token
+
+
+def bearer_scope(header: str, scopes: Mapping[str, str]) -> str | None:
+    """The scope of the bearer token in an ``Authorization`` header, compared in constant time
+    against every configured token (so timing tells nothing about which one nearly matched)."""
+    given = header.removeprefix("Bearer ").encode() if header.startswith("Bearer ") else b""
+    found = None
+    for token, scope in scopes.items():
+        if hmac.compare_digest(given, token.encode()) and given:
+            found = scope
+    return found
+
+
+def token_matches(header: str, expected: str) -> bool:
+    """Whether an ``Authorization`` header carries exactly ``Bearer <expected>``."""
+    return hmac.compare_digest(header.encode(), f"Bearer {expected}".encode())
 
 
 class _HttpError(Exception):
@@ -118,16 +161,24 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
         except ValueError:
             raise _HttpError(400, "body is not valid JSON", "body") from None
 
+    scopes = cfg.scopes()
+
     def require_admin(request: Request) -> None:
         if cfg.loopback_admin_only:
             host = request.client.host if request.client else ""
             if not _is_loopback(host) or any(h in request.headers for h in _PROXY_HEADERS):
                 raise _HttpError(403, "admin routes answer only local callers")
-        if cfg.admin_token:
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {cfg.admin_token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+        if scopes:
+            scope = bearer_scope(request.headers.get("authorization", ""), scopes)
+            if scope is None:
                 raise _HttpError(401, "a valid 'Authorization: Bearer <token>' is required")
+            if scope != "write":
+                raise _HttpError(403, "this token may read but not change anything")
+
+    def require_read(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        if cfg.protect_reads and scopes and bearer_scope(header, scopes) is None:
+            raise _HttpError(401, "a valid 'Authorization: Bearer <token>' is required")
 
     async def heartbeat(request: Request) -> Response:
         data = await read_json(request)
@@ -135,6 +186,11 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
             beat = Heartbeat.from_wire(data)
         except ValueError as exc:
             raise _HttpError(400, str(exc), _field_of(str(exc))) from None
+        expected = cfg.agent_token_for(beat.host)
+        if expected is None or (
+            expected and not token_matches(request.headers.get("authorization", ""), expected)
+        ):
+            raise _HttpError(401, f"heartbeats of {beat.host} need their agent token")
         order = plane.heartbeat_wire(beat)
         return JSONResponse({"order": order})
 
@@ -156,17 +212,21 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
         raise _HttpError(405, "only POST (publish) and DELETE (cancel) are allowed here")
 
     async def nowargs(request: Request) -> Response:
+        require_read(request)
         task = plane.active_task()
         view = task.seed_view() if task is not None else None
         return _success(view or seed_args(0, "", "", "", ""))
 
     async def agentversions(request: Request) -> Response:
+        require_read(request)
         return _success(plane.versions())
 
     async def agents(request: Request) -> Response:
+        require_read(request)
         return _success(sorted(plane.versions()))
 
     async def status(request: Request) -> Response:
+        require_read(request)
         return JSONResponse(plane.status())
 
     async def health(request: Request) -> Response:
@@ -174,6 +234,7 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
 
     async def rollouts(request: Request) -> Response:
         if request.method == "GET":
+            require_read(request)
             return JSONResponse({"rollouts": plane.summaries()})
         require_admin(request)
         body = await read_json(request)
@@ -185,6 +246,7 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
         return JSONResponse(plane.detail(task.id), status_code=201)
 
     async def rollout(request: Request) -> Response:
+        require_read(request)
         detail = plane.detail(request.path_params["id"])
         if detail is None:
             raise _HttpError(404, f"no rollout {request.path_params['id']}", "id")
@@ -224,6 +286,7 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
 
     async def bad_versions(request: Request) -> Response:
         if request.method == "GET":
+            require_read(request)
             return JSONResponse({"bad": plane.store.bad_versions()})
         require_admin(request)
         body = await read_json(request)
@@ -240,9 +303,11 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
         return JSONResponse({"bad": plane.store.bad_versions()})
 
     async def openapi(request: Request) -> Response:
+        require_read(request)
         return JSONResponse(OPENAPI)
 
     async def metrics(request: Request) -> Response:
+        require_read(request)
         return Response(render_metrics(plane), media_type=METRICS_CONTENT_TYPE)
 
     async def dashboard(request: Request) -> Response:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..models import Heartbeat, UpgradeState, parse_version
@@ -78,9 +79,15 @@ def heartbeat_from_report(params: Mapping[str, Any]) -> Heartbeat:
 
 
 class _Connection:
-    def __init__(self, plane: ControlPlane, max_frame_bytes: int) -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        max_frame_bytes: int,
+        token_for: Callable[[str], str | None] | None,
+    ) -> None:
         self.plane = plane
         self.max = max_frame_bytes
+        self.token_for = token_for
 
     def dispatch(self, method: object, params: object) -> Any:
         first = params[0] if isinstance(params, list) and params else {}
@@ -92,6 +99,14 @@ class _Connection:
             except ValueError as exc:
                 log.warning("bad ReportStatus: %s", exc)
                 return {"code": 1, "Args": None}
+            if self.token_for is not None:
+                expected = self.token_for(beat.host)
+                given = _get(first, "Token", "")
+                if expected is None or (
+                    expected and not hmac.compare_digest(str(given).encode(), expected.encode())
+                ):
+                    log.warning("ReportStatus of %s without its agent token", beat.host)
+                    return {"code": 1, "Args": None}
             sent = self.plane.heartbeat_wire(beat)
             task = self.plane.active_task() if sent is not None else None
             args = task.seed_view() if task is not None else None
@@ -146,8 +161,19 @@ class _Connection:
 
 
 async def serve_falcon_rpc(
-    plane: ControlPlane, host: str, port: int, *, max_frame_bytes: int = 64 * 1024
+    plane: ControlPlane,
+    host: str,
+    port: int,
+    *,
+    max_frame_bytes: int = 64 * 1024,
+    token_for: Callable[[str], str | None] | None = None,
 ) -> asyncio.Server:
-    """Listen for falcon agents on ``host:port``; return the started server."""
-    conn = _Connection(plane, max_frame_bytes)
+    """Listen for falcon agents on ``host:port``; return the started server.
+
+    Args:
+        token_for: when given, ``ReportStatus`` must carry ``Token`` equal to
+            ``token_for(host)`` (``""``: none needed; ``None``: refused). An unmodified falcon
+            agent cannot send one, so require tokens only for selfupgrade's own RPC agents.
+    """
+    conn = _Connection(plane, max_frame_bytes, token_for)
     return await asyncio.start_server(conn.serve, host, port, limit=max_frame_bytes)

@@ -36,6 +36,7 @@ class FalconRpcTransport:
         ip: the ``IP`` reported; default: the local address of the connection.
         extended: also send selfupgrade's progress keys.
         max_reply_bytes: the largest reply line read.
+        token: sent as ``Token`` when hbs requires agent tokens.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class FalconRpcTransport:
         ip: str | None = None,
         extended: bool = True,
         max_reply_bytes: int = 1 << 20,
+        token: str | None = None,
     ) -> None:
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
@@ -55,6 +57,7 @@ class FalconRpcTransport:
         self._ip = ip
         self._extended = extended
         self._max = max_reply_bytes
+        self._token = token
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._file: Any = None
@@ -130,6 +133,8 @@ class FalconRpcTransport:
                 Files={k: dict(v) for k, v in beat.files.items()},
                 Labels=dict(beat.labels),
             )
+        if self._token:
+            params["Token"] = self._token
         result = self.call("Agent.ReportStatus", params)
         args = result.get("Args") if isinstance(result, dict) else None
         if not args:
