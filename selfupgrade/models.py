@@ -522,7 +522,7 @@ def falcon_release(kind: int, wgeturl: str, version: str, bin_md5: str, cfg_md5:
     Raises:
         ValueError: (``InvalidVersion``, ``UnsafeURL`` among them) naming what is wrong.
     """
-    if isinstance(kind, bool) or kind not in FALCON_TYPES:
+    if isinstance(kind, bool) or not isinstance(kind, int) or kind not in FALCON_TYPES:
         raise ValueError(f"type must be 0 (bin), 1 (cfg) or 2 (both), got {kind!r}")
     parsed = parse_version(version)
     base = check_url(wgeturl).rstrip("/")

@@ -97,6 +97,12 @@ class Layout:
                     f"this host has no {artifact.role.value} file configured",
                     path=artifact.role.value,
                 )
+            if p.is_symlink():
+                raise UnsafePath(
+                    f"{p} is a symlink; replacing it would replace the link, not the file "
+                    "(configure the real path)",
+                    path=p,
+                )
             return p
         rel = check_relative_target(artifact.target)
         base = Path(self.install_dir).resolve()

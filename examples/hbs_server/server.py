@@ -22,6 +22,7 @@ import uvicorn
 from selfupgrade.server import ControlPlane, PlaneConfig, SqliteStore, Store, TaskLimits
 from selfupgrade.server.app import AppConfig, create_app
 from selfupgrade.server.falcon_rpc import serve_falcon_rpc
+from selfupgrade.server.http_limits import BoundedHttpToolsProtocol
 
 log = logging.getLogger("hbs")
 
@@ -176,7 +177,7 @@ async def serve(cfg: Config) -> None:
             create_app(plane, cfg.app),
             host=cfg.http[0],
             port=cfg.http[1],
-            http="httptools",
+            http=BoundedHttpToolsProtocol,
             lifespan="on",
             access_log=False,
             log_level="warning",

@@ -360,7 +360,7 @@ def task_from_seed(
     except ValueError as exc:
         raise FieldError("version", str(exc)) from None
     kind = body.get("type", 0)
-    if isinstance(kind, bool) or kind not in FALCON_TYPES:
+    if isinstance(kind, bool) or not isinstance(kind, int) or kind not in FALCON_TYPES:
         raise FieldError("type", f"must be 0 (bin), 1 (cfg) or 2 (both), got {kind!r}")
     try:
         check_url(wgeturl)
