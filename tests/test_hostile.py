@@ -246,6 +246,19 @@ def snapshot(c: TestClient) -> list[object]:
     ]
 
 
+def test_a_malformed_manifest_is_refused_by_name() -> None:
+    c = TestClient(create_app(ControlPlane(MemoryStore())), client=("127.0.0.1", 5000))
+    body = {
+        "plan": {"waves": [{"percent": 50}]},
+        "manifest": 7,
+        "wgeturl": "http://h/f",
+        "version": "1.0",
+        "binfile_md5": MD5,
+    }
+    reply = c.post("/selfupgrade/v1/rollouts", content=json.dumps(body))
+    assert (reply.status_code, reply.json()["field"]) == (400, "manifest")
+
+
 def test_hostile_requests_are_refused_and_change_nothing() -> None:
     c = TestClient(create_app(ControlPlane(MemoryStore())), client=("127.0.0.1", 5000))
     c.post("/selfupgrade/v1/heartbeat", content=json.dumps({"host": "h1", "version": "1.0"}))

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "supervisor_program": "falcon-agent",
     "confirm_timeout_s": 60,
     "max_starts": 2,
+    "failure_backoff_s": 60,
     "allow_md5": True,
     "labels": {},
 }
@@ -251,6 +252,7 @@ def make_updater(cfg: dict[str, Any], here: Path, collector: Collector) -> su.Up
             host=cfg["hostname"],
             interval_s=float(hb["interval"]),
             labels=cfg["labels"],
+            failure_backoff_s=float(cfg["failure_backoff_s"]),
             confirm=su.ConfirmPolicy(
                 max_starts=int(cfg["max_starts"]), timeout_s=float(cfg["confirm_timeout_s"])
             ),

@@ -36,6 +36,7 @@ _TOP = {
     "binfile_md5",
     "cfgfile_md5",
     "type",
+    "manifest",
 }
 
 
