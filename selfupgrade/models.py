@@ -12,6 +12,7 @@ The wire form (JSON objects) of orders and heartbeats is defined here too, by
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
 import ipaddress
 import re
@@ -275,7 +276,7 @@ class Release:
         """The artifact of ``role``, or ``None`` if this release does not change that file."""
         return next((a for a in self.artifacts if a.role == role), None)
 
-    @property
+    @functools.cached_property
     def roles(self) -> frozenset[Role]:
         """The roles this release carries."""
         return frozenset(a.role for a in self.artifacts)
@@ -389,7 +390,7 @@ class UpgradeOrder:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     """What an agent tells the control server on every beat.
 

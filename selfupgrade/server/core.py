@@ -69,7 +69,7 @@ class Action(str, enum.Enum):
     """The attempt failed: release the slot; back off or give up on the host."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """An action and, for ``FAIL``, why."""
 

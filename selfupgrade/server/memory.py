@@ -9,6 +9,7 @@ a Lua script.
 
 from __future__ import annotations
 
+import heapq
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ ADMITTING = frozenset({"active", "complete"})
 """Statuses in which hosts of started waves are admitted (``complete``: late joiners)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Effect:
     """The result of one transition.
 
@@ -167,6 +168,13 @@ class _TaskRecord:
     leases: dict[str, float] = field(default_factory=dict)
     members: dict[str, int] = field(default_factory=dict)
     waves: list[WaveCounters] = field(default_factory=list)
+    # (deadline, host) of every lease granted or renewed; an entry whose host holds another
+    # deadline by now is stale and skipped. Sweeping costs O(expired * log n), not O(leases).
+    deadlines: list[tuple[float, str]] = field(default_factory=list)
+
+    def hold(self, host: str, until: float) -> None:
+        self.leases[host] = until
+        heapq.heappush(self.deadlines, (until, host))
 
 
 class MemoryStore:
@@ -352,6 +360,8 @@ class MemoryStore:
             record = self._tasks.get(task.id)
             if record is None:
                 return False
+            if decision.action == Action.ADMIT and self._full(record, now):
+                return False  # the usual answer in a big wave; nothing to sweep or change
             changed: list[str] = []
             if decision.action == Action.ADMIT:
                 changed += self._sweep_locked(record, now, persist=False)
@@ -374,6 +384,26 @@ class MemoryStore:
                 self._persist(task.id, hosts=changed)
             return effect.send
 
+    def free_slots(self, task_id: str, now: float) -> int:
+        """Slots of the current wave an admission could take now, after expiring due leases
+        (as an admission attempt would). For simulators; hbs learns it by trying."""
+        with self._lock:
+            record = self._tasks.get(task_id)
+            if record is None or record.status not in ADMITTING:
+                return 0
+            self._sweep_locked(record, now)
+            waves = record.task.effective_plan.waves
+            limit = waves[min(record.wave, len(waves) - 1)].max_in_flight
+            return max(0, limit - len(record.leases))
+
+    @staticmethod
+    def _full(record: _TaskRecord, now: float) -> bool:
+        """Every slot of the current wave is held and no lease is due: admission must fail."""
+        waves = record.task.effective_plan.waves
+        limit = waves[min(record.wave, len(waves) - 1)].max_in_flight
+        due = bool(record.deadlines) and record.deadlines[0][0] <= now
+        return len(record.leases) >= limit and not due
+
     def sweep(self, task: Task, now: float) -> int:
         """Expire leases that ran out."""
         with self._lock:
@@ -381,7 +411,12 @@ class MemoryStore:
             return len(self._sweep_locked(record, now)) if record else 0
 
     def _sweep_locked(self, record: _TaskRecord, now: float, *, persist: bool = True) -> list[str]:
-        expired = [h for h, until in record.leases.items() if until <= now]
+        expired = []
+        heap = record.deadlines
+        while heap and heap[0][0] <= now:
+            until, host = heapq.heappop(heap)
+            if record.leases.get(host) == until:
+                expired.append(host)
         reason = "no news within the lease"
         for host in expired:
             self._apply_effect(
@@ -396,7 +431,7 @@ class MemoryStore:
         progress = effect.progress
         record.progress[progress.host] = progress
         if progress.state == "admitted":
-            record.leases[progress.host] = progress.lease_until
+            record.hold(progress.host, progress.lease_until)
         else:
             record.leases.pop(progress.host, None)
         record.done += effect.done

@@ -98,6 +98,8 @@ class ControlPlane:
         self._order_wire: dict[str, Any] | None = None
         self._seen: dict[str, HostSeen] = dict(store.hosts())
         self._dirty: dict[str, HostSeen] = {}
+        self._silent: tuple[str, int, float, list[str]] = ("", -1, -1e18, [])
+        self._version_text: dict[Any, str] = {}
 
     # ---- heartbeats ----------------------------------------------------------------------
 
@@ -110,9 +112,12 @@ class ControlPlane:
     def heartbeat_wire(self, beat: Heartbeat) -> dict[str, Any] | None:
         """Like :meth:`heartbeat`, returning the order's wire form (cached per rollout)."""
         now = self._clock()
+        version = self._version_text.get(beat.version)
+        if version is None:
+            version = self._version_text.setdefault(beat.version, str(beat.version))
         seen = HostSeen(
             host=beat.host,
-            version=str(beat.version),
+            version=version,
             state=beat.state.value,
             seen_at=now,
             error=beat.error,
@@ -154,6 +159,24 @@ class ControlPlane:
         elif decision.action == Action.COMPLETE:
             log.info("%s finished %s", beat.host, task.id)
         return self._order_wire if send else None
+
+    def observe(self, beat: Heartbeat) -> None:
+        """Record ``beat`` in the fleet view without deciding anything.
+
+        For heartbeats that cannot change anything (a simulator's hosts whose wave has not
+        started yet), so that their last-seen time stays true.
+        """
+        seen = HostSeen(
+            host=beat.host,
+            version=str(beat.version),
+            state=beat.state.value,
+            seen_at=self._clock(),
+            error=beat.error,
+            labels=beat.labels,
+        )
+        with self._lock:
+            self._seen[beat.host] = seen
+            self._dirty[beat.host] = seen
 
     @staticmethod
     def _may_join(task: Task, beat: Heartbeat) -> bool:
@@ -476,7 +499,12 @@ class ControlPlane:
             log.error("periodic work failed: %s", exc)
 
     def _lost(self, task: Task, counters: TaskCounters, now: float) -> int:
-        """Members of the current wave that are not settled and have stopped heartbeating."""
+        """Members of the current wave that are not settled and have stopped heartbeating.
+
+        Finding the silent members scans the wave, so it runs at most every half lease (a host
+        is lost only after ``lost_after_leases`` leases of silence); in between, only the hosts
+        found silent are checked again, and any that spoke or settled since stop counting.
+        """
         wave = counters.wave
         if wave >= len(counters.waves):
             return 0
@@ -484,19 +512,30 @@ class ControlPlane:
         if c.done + c.failed >= c.members:
             return 0
         lost_after = self.config.lost_after_leases * task.limits.lease_s
-        with self._lock:
-            seen = dict(self._seen)
-        silent = [
-            host
-            for host, w in self.store.members(task.id).items()
-            if w == wave and (host not in seen or now - seen[host].seen_at > lost_after)
-        ]
-        if not silent:
-            return 0
-        settled = {
-            p.host for p in self.store.all_progress(task.id) if p.state in ("done", "failed")
-        }
-        return sum(1 for host in silent if host not in settled)
+        task_id, cached_wave, scanned_at, silent = self._silent
+        if task_id != task.id or cached_wave != wave or now - scanned_at >= task.limits.lease_s / 2:
+            settled = {
+                p.host for p in self.store.all_progress(task.id) if p.state in ("done", "failed")
+            }
+            with self._lock:
+                silent = [
+                    host
+                    for host, w in self.store.members(task.id).items()
+                    if w == wave
+                    and host not in settled
+                    and (host not in self._seen or now - self._seen[host].seen_at > lost_after)
+                ]
+            self._silent = (task.id, wave, now, silent)
+        count = 0
+        for host in silent:
+            with self._lock:
+                s = self._seen.get(host)
+            if s is not None and now - s.seen_at <= lost_after:
+                continue  # it spoke again
+            p = self.store.progress(task.id, host)
+            if p is None or p.state not in ("done", "failed"):
+                count += 1
+        return count
 
 
 def _display(

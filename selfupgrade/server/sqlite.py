@@ -128,7 +128,7 @@ class SqliteStore(MemoryStore):
                 progress = HostProgress.from_json(json.loads(pbody))
                 record.progress[host] = progress
                 if progress.state == "admitted":
-                    record.leases[host] = progress.lease_until
+                    record.hold(host, progress.lease_until)
             record.members = dict(
                 self._db.execute("SELECT host, wave FROM members WHERE task_id = ?", (task_id,))
             )

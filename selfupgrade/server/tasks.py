@@ -209,7 +209,7 @@ class Task:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HostProgress:
     """Where one host stands in one task.
 
@@ -307,7 +307,7 @@ class TaskCounters:
     waves: tuple[WaveCounters, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HostSeen:
     """The last heartbeat of a host, as the fleet view keeps it."""
 

@@ -7,21 +7,29 @@
 * Real supervisors: :class:`ServiceHarness` (systemd-like ``Restart=always`` with a real
   ``NOTIFY_SOCKET``) and :class:`Supervisord`.
 * A real ``redis-server`` on a free port: :class:`RedisServer`.
-* A toy daemon triple to upgrade: :func:`toy_release`.
+* A toy daemon triple to upgrade: :func:`toy_release`; releases of your own files, signed or
+  not: :class:`ReleaseFactory`.
+* The real control server in-process: :class:`HbsServer` (``selfupgrade[server]``), and a
+  fleet of agents beating to it: :class:`Fleet` (simulated in-process, or real processes).
 
 Every server and supervisor is a context manager that stops what it started.
 """
 
+from typing import Any
+
 from .artifact_server import ArtifactServer, Fault, ServedRequest
 from .control_server import HEARTBEAT_PATH, ControlServer
 from .fakes import CrashingSystem, FakeFetcher, FakeRestarter, FakeTransport, RecordingSystem
+from .fleet import AgentHome, Fleet
 from .harness import Notification, ServiceHarness, Supervisord, stop_pid
 from .redis_server import RedisServer, find_redis_server, free_port
-from .toy import TOY_FILES, ToyRelease, toy_release
+from .releases import ReleaseFactory
+from .toy import TOY_FILES, ToyRelease, toy_release, toy_version
 
 __all__ = [
     "HEARTBEAT_PATH",
     "TOY_FILES",
+    "AgentHome",
     "ArtifactServer",
     "ControlServer",
     "CrashingSystem",
@@ -29,9 +37,12 @@ __all__ = [
     "FakeRestarter",
     "FakeTransport",
     "Fault",
+    "Fleet",
+    "HbsServer",
     "Notification",
     "RecordingSystem",
     "RedisServer",
+    "ReleaseFactory",
     "ServedRequest",
     "ServiceHarness",
     "Supervisord",
@@ -40,4 +51,14 @@ __all__ = [
     "free_port",
     "stop_pid",
     "toy_release",
+    "toy_version",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # HbsServer needs the server extra; import it only when asked for
+    if name == "HbsServer":
+        from .hbs import HbsServer
+
+        return HbsServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,7 @@ import http.server
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._base import ThreadedHttpServer
 
@@ -92,6 +93,13 @@ class ArtifactServer(ThreadedHttpServer):
         with self._lock:
             self._entries["/" + name.lstrip("/")] = _Entry(data, fault, fault.drop_times)
         return self.url(name)
+
+    def publish(self, release: Any, **faults: Fault) -> str:
+        """Serve each file of ``release`` (a :class:`ToyRelease`) at ``<role>_<version>``, with
+        faults by role name (``bin=Fault(status=404)``); return the base URL for its order."""
+        for role, data in release.files.items():
+            self.add(release.artifact_name(role), data, fault=faults.get(role.value))
+        return self.base_url
 
     def set_fault(self, name: str, fault: Fault | None) -> None:
         """Change the fault of an artifact already added."""

@@ -99,6 +99,8 @@ class ServiceHarness(Managed):
         self.exits: list[tuple[int, int]] = []
         self.notifications: list[Notification] = []
         self.starts = 0
+        self.next_argv: list[str] | None = None
+        """When set, the next start runs this command instead (once)."""
         self._tmp = tempfile.TemporaryDirectory(prefix="su-notify-")
         self.notify_socket = str(Path(self._tmp.name) / "notify.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -125,13 +127,14 @@ class ServiceHarness(Managed):
         return self
 
     def _spawn(self) -> subprocess.Popen[bytes]:
+        argv, self.next_argv = self.next_argv or self.argv, None
         env = {**os.environ, **self.env, "NOTIFY_SOCKET": self.notify_socket}
         out: Any = subprocess.DEVNULL
         if self.log_path is not None:
             out = open(self.log_path, "ab")  # noqa: SIM115 - closed after the child exits
         try:
             return subprocess.Popen(
-                self.argv,
+                argv,
                 env=env,
                 cwd=self.cwd,
                 stdout=out,

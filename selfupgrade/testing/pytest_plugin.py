@@ -1,21 +1,43 @@
 """pytest fixtures for simulating upgrades, registered through the ``pytest11`` entry point.
 
-* ``artifact_server``: an :class:`~selfupgrade.testing.ArtifactServer`, fresh for each test.
-* ``control_server``: a :class:`~selfupgrade.testing.ControlServer`, fresh for each test.
+Installing selfupgrade makes them available with no conftest:
 
-Errors raised in the servers' threads are re-raised in the test when it ends.
+* ``release_factory`` (session): builds releases from your files or the toy daemon, signed on
+  request (:class:`~selfupgrade.testing.ReleaseFactory`).
+* ``artifact_server``: a real HTTP server on 127.0.0.1 with fault injection
+  (:class:`~selfupgrade.testing.ArtifactServer`); ``artifact_server.publish(release)``.
+* ``control_server``: a minimal server answering heartbeats with one order
+  (:class:`~selfupgrade.testing.ControlServer`).
+* ``hbs``: the real control server in-process with the embedded store, fresh for each test
+  (:class:`~selfupgrade.testing.hbs.HbsServer`; needs ``selfupgrade[server]``).
+* ``fleet``: three in-process agents of the toy daemon 1.0 beating to ``hbs``
+  (:class:`~selfupgrade.testing.Fleet`); ``make_fleet(...)`` builds others (more agents, your
+  release, your daemon as real processes).
+
+Every fixture stops what it started, and errors raised in the servers' threads are re-raised
+in the test when it ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from .artifact_server import ArtifactServer
 from .control_server import ControlServer
+from .fleet import Fleet
+from .releases import ReleaseFactory
 
-__all__ = ["artifact_server", "control_server"]
+__all__ = ["artifact_server", "control_server", "fleet", "hbs", "make_fleet", "release_factory"]
+
+
+@pytest.fixture(scope="session")
+def release_factory() -> ReleaseFactory:
+    """Builds releases (toy or your files), with one signing key for the session."""
+    return ReleaseFactory()
 
 
 @pytest.fixture
@@ -30,3 +52,38 @@ def control_server() -> Iterator[ControlServer]:
     """A minimal control server on 127.0.0.1 that answers heartbeats with one order."""
     with ControlServer() as server:
         yield server
+
+
+@pytest.fixture
+def hbs(tmp_path: Path) -> Iterator[Any]:
+    """The real control server (hbs) in-process, embedded store, fresh for each test."""
+    from .hbs import HbsServer
+
+    with HbsServer(tmp_path / "hbs") as server:
+        yield server
+
+
+@pytest.fixture
+def make_fleet(
+    hbs: Any, tmp_path: Path, release_factory: ReleaseFactory
+) -> Iterator[Callable[..., Fleet]]:
+    """Builds and starts fleets beating to ``hbs``: ``make_fleet(n=10, release=...)``; any
+    :class:`Fleet` argument may be given. All are stopped when the test ends."""
+    started: list[Fleet] = []
+
+    def make(**kwargs: Any) -> Fleet:
+        kwargs.setdefault("release", release_factory.toy("1.0"))
+        directory = tmp_path / f"fleet-{len(started) + 1}"
+        fleet = Fleet(hbs.heartbeat_url, directory, **kwargs)
+        started.append(fleet)
+        return fleet.start()
+
+    yield make
+    for fleet in started:
+        fleet.stop()
+
+
+@pytest.fixture
+def fleet(make_fleet: Callable[..., Fleet]) -> Fleet:
+    """Three in-process agents running the toy daemon 1.0, beating to ``hbs``."""
+    return make_fleet(n=3)

@@ -28,7 +28,7 @@ from typing import Literal
 from ..install.base import Installer, StagedFile
 from ..models import Artifact, Digest, HashAlgorithm, Release, Role, UpgradeOrder, parse_version
 
-__all__ = ["TOY_FILES", "ToyRelease", "toy_release"]
+__all__ = ["TOY_FILES", "ToyRelease", "toy_release", "toy_version"]
 
 Behaviour = Literal["ok", "crash", "hang", "unhealthy"]
 
@@ -133,21 +133,25 @@ RestartSec=1
 
 @dataclass(frozen=True)
 class ToyRelease:
-    """The three files of one toy version, as bytes.
+    """The files of one release, as bytes (the toy daemon's, or a user's own).
 
     Attributes:
-        version: the version baked into the program.
-        files: the bytes of each role.
+        version: the release's version.
+        files: the bytes of each role it carries.
+        names: the file name of each role in an install directory.
+        manifest: its signed manifest, when it was signed (sent with the order).
     """
 
     version: str
     files: Mapping[Role, bytes] = field(repr=False)
+    names: Mapping[Role, str] = field(default_factory=lambda: dict(TOY_FILES), repr=False)
+    manifest: bytes | None = field(default=None, repr=False)
 
     def install(self, install_dir: Path) -> None:
-        """Write the triple into ``install_dir`` as a first install would."""
+        """Write the files into ``install_dir`` as a first install would."""
         install_dir.mkdir(parents=True, exist_ok=True)
         for role, data in self.files.items():
-            path = install_dir / TOY_FILES[role]
+            path = install_dir / self.names[role]
             path.write_bytes(data)
             path.chmod(0o755 if role == Role.BIN else 0o644)
 
@@ -157,7 +161,7 @@ class ToyRelease:
         """Put this release's files where ``installer`` stages downloads, as a download would."""
         staged = []
         for role in roles if roles is not None else self.files:
-            target = install_dir / TOY_FILES[role]
+            target = install_dir / self.names[role]
             path = installer.staging_path(target)
             path.write_bytes(self.files[role])
             staged.append(StagedFile(role, target, path))
@@ -175,14 +179,16 @@ class ToyRelease:
         self,
         base_url: str,
         *,
-        roles: tuple[Role, ...] = (Role.BIN, Role.CFG, Role.SERVICE),
+        roles: tuple[Role, ...] | None = None,
         algorithm: HashAlgorithm = "sha256",
         task_id: str = "",
         allow_downgrade: bool = False,
         with_sizes: bool = True,
     ) -> UpgradeOrder:
-        """An order for this release whose artifacts are at ``<base_url>/<role>_<version>``."""
+        """An order for this release whose artifacts are at ``<base_url>/<role>_<version>``
+        (all its roles by default; its manifest, if signed)."""
         base = base_url.rstrip("/")
+        roles = roles if roles is not None else tuple(self.files)
         return UpgradeOrder(
             release=Release(
                 parse_version(self.version),
@@ -198,7 +204,16 @@ class ToyRelease:
             ),
             task_id=task_id,
             allow_downgrade=allow_downgrade,
+            manifest=self.manifest,
         )
+
+
+def toy_version(program: bytes) -> str | None:
+    """The version baked into a toy program (its ``VERSION = "..."`` line), if any."""
+    for line in program.decode("utf-8", "replace").splitlines():
+        if line.startswith("VERSION = "):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return None
 
 
 def toy_release(
