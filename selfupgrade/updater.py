@@ -277,6 +277,22 @@ class Updater:
                 self._failed_version = failed
                 self._set(UpgradeState.ROLLED_BACK, last.reason)
                 self._failures[str(failed)] = FailureRecord(str(failed), 1, last.at)
+        pending = status.pending
+        if (
+            pending is not None
+            and "bin" in pending.roles
+            and parse_version(pending.version) != self.version
+        ):
+            # the new program does not say the version it was released as: a mislabelled
+            # build (or the program was not replaced); confirming it would loop forever
+            reason = (
+                f"the program installed as {pending.version} reports version {self.version}; "
+                "rolled back"
+            )
+            log.error("%s", reason)
+            self._installer.rollback(reason)
+            self._restart(reason)
+            return
         if status.pending is not None:
             self._on_trial = True
             self._trial_deadline = status.pending.deadline

@@ -400,3 +400,10 @@ def test_rollout_requests_are_validated() -> None:
         assert info.value.field.startswith(field), (body, info.value.field)
     rollback_release = Release(parse_version("1.0"), ())
     assert rollback_release.artifacts == ()
+
+
+def test_a_staged_rollout_needs_known_hosts() -> None:
+    plane = ControlPlane(MemoryStore(), PlaneConfig(task_cache_s=0), clock=Clock())
+    with pytest.raises(FieldError, match="no host that matches the plan has sent a heartbeat"):
+        plane.publish(rollout(THREE_WAVES))
+    plane.publish(rollout({"waves": [{"percent": 100}]}))  # one wave: hosts join as they come

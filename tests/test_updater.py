@@ -305,3 +305,17 @@ def test_asyncio_form_runs_without_blocking_the_loop(tmp: Path) -> None:
     assert blocked == [], "the heartbeat blocked the event loop"
     assert restarter.restarts == 1
     assert transport.closed
+
+
+def test_a_program_that_does_not_report_its_released_version_is_rolled_back(tmp: Path) -> None:
+    old, _, _ = make(tmp, order=NEW.order(BASE))
+    old.on_start()
+    old.tick()
+    wait_idle(old)  # 1.1 installed, restarting
+    mislabelled, _, restarter = make(tmp, version="1.0")  # the "1.1" program says 1.0
+    mislabelled.on_start()
+    assert restarter.restarts == 1
+    assert files(tmp / "opt") == dict(OLD.files)
+    last = TripleInstaller(tmp / "state").status().last_result
+    assert last is not None and last.outcome == "rolled_back"
+    assert "installed as 1.1 reports version 1.0" in last.reason

@@ -85,6 +85,7 @@ class Pending:
         max_starts: starts allowed.
         deadline: wall-clock time by which the current start must confirm (``None`` before the
             first start).
+        roles: the files the new generation replaced (``"bin"``, ``"cfg"``, ``"service"``).
     """
 
     version: str
@@ -92,6 +93,7 @@ class Pending:
     starts: int
     max_starts: int
     deadline: float | None
+    roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -295,6 +295,7 @@ class TripleInstaller:
         state["current"] = {"version": txn["to_version"], "files": current_files}
         state["txn"] = {
             "kind": "trial",
+            "roles": sorted(e["role"] for e in txn["files"]),
             "from_version": txn["from_version"],
             "to_version": txn["to_version"],
             "starts": 0,
@@ -594,6 +595,7 @@ def _status(state: Mapping[str, Any]) -> InstallerStatus:
             starts=int(txn["starts"]),
             max_starts=int(txn["max_starts"]),
             deadline=txn.get("deadline"),
+            roles=tuple(txn.get("roles", ())),
         )
     last = state.get("last_result")
     return InstallerStatus(

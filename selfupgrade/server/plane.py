@@ -220,6 +220,12 @@ class ControlPlane:
                 seen = dict(self._seen)
             plan = task.effective_plan
             targeted = [h for h, s in seen.items() if plan.matches(s.labels)]
+            if not targeted and len(plan.waves) > 1:
+                raise FieldError(
+                    "plan",
+                    "no host that matches the plan has sent a heartbeat yet; a staged rollout "
+                    "chooses its waves from the hosts it knows when it starts",
+                )
             members = assign_waves(plan, targeted, task.id)
             if not task.previous_version:
                 versions = Counter(

@@ -41,8 +41,8 @@ TOY_FILES: Mapping[Role, str] = {
 
 _PROGRAM = '''#!{python}
 """toyd: a toy daemon that upgrades itself with selfupgrade."""
-VERSION = {version!r}
-BEHAVIOUR = {behaviour!r}
+VERSION = "{version}"
+BEHAVIOUR = "{behaviour}"
 import sys
 
 if BEHAVIOUR == "crash":
