@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     parser.add_argument("--log-level")
+    parser.add_argument(
+        "--bench-noop",
+        action="store_true",
+        help="also serve POST /selfupgrade/v1/noop (a benchmark reference)",
+    )
     args = parser.parse_args(argv)
     cfg = dict(DEFAULTS)
     if args.config:
@@ -134,6 +139,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             agent_token=args.agent_token or cfg.get("agent_token", ""),
             agent_tokens=dict(cfg.get("agent_tokens") or {}),
             max_body_bytes=int(cfg["max_body_bytes"]),
+            noop_route=args.bench_noop,
         ),
         log_level=pick(args.log_level, "log_level"),
         tls=_tls(args, cfg),

@@ -83,6 +83,8 @@ class AppConfig:
             one is refused.
         max_body_bytes: larger request bodies are refused with 413.
         tick_s: how often the plane's housekeeping runs (flush heartbeats, expire leases).
+        noop_route: serve ``POST /selfupgrade/v1/noop``, which reads a body and answers
+            ``{"order": null}`` without looking at it: the reference for benchmarks.
     """
 
     admin_token: str = ""
@@ -93,6 +95,7 @@ class AppConfig:
     agent_tokens: Mapping[str, str] = field(default_factory=dict)
     max_body_bytes: int = 64 * 1024
     tick_s: float = 1.0
+    noop_route: bool = False
 
     def scopes(self) -> dict[str, str]:
         """Every bearer token and its scope."""
@@ -232,6 +235,10 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
 
+    async def noop(request: Request) -> Response:
+        await read_json(request)
+        return JSONResponse({"order": None})
+
     async def rollouts(request: Request) -> Response:
         if request.method == "GET":
             require_read(request)
@@ -342,31 +349,29 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
             task.cancel()
             plane.flush()
 
-    return Starlette(
-        routes=[
-            Route(HEARTBEAT_PATH, guarded(heartbeat), methods=["POST"]),
-            Route(
-                "/agent/upgrade",
-                guarded(upgrade),
-                methods=["GET", "POST", "DELETE", "PUT", "PATCH"],
-            ),
-            Route("/agent/upgrade/nowargs", guarded(nowargs), methods=["GET"]),
-            Route("/agentversions", guarded(agentversions), methods=["GET"]),
-            Route("/agents", guarded(agents), methods=["GET"]),
-            Route("/selfupgrade/v1/status", guarded(status), methods=["GET"]),
-            Route("/selfupgrade/v1/rollouts", guarded(rollouts), methods=["GET", "POST"]),
-            Route("/selfupgrade/v1/rollouts/{id}", guarded(rollout), methods=["GET"]),
-            Route(
-                "/selfupgrade/v1/rollouts/{id}/{action}", guarded(rollout_action), methods=["POST"]
-            ),
-            Route("/selfupgrade/v1/versions/bad", guarded(bad_versions), methods=["GET", "POST"]),
-            Route("/selfupgrade/v1/openapi.json", guarded(openapi), methods=["GET"]),
-            Route("/metrics", guarded(metrics), methods=["GET"]),
-            Route("/", guarded(dashboard), methods=["GET"]),
-            Route("/health", guarded(health), methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
+    routes = [
+        Route(HEARTBEAT_PATH, guarded(heartbeat), methods=["POST"]),
+        Route(
+            "/agent/upgrade",
+            guarded(upgrade),
+            methods=["GET", "POST", "DELETE", "PUT", "PATCH"],
+        ),
+        Route("/agent/upgrade/nowargs", guarded(nowargs), methods=["GET"]),
+        Route("/agentversions", guarded(agentversions), methods=["GET"]),
+        Route("/agents", guarded(agents), methods=["GET"]),
+        Route("/selfupgrade/v1/status", guarded(status), methods=["GET"]),
+        Route("/selfupgrade/v1/rollouts", guarded(rollouts), methods=["GET", "POST"]),
+        Route("/selfupgrade/v1/rollouts/{id}", guarded(rollout), methods=["GET"]),
+        Route("/selfupgrade/v1/rollouts/{id}/{action}", guarded(rollout_action), methods=["POST"]),
+        Route("/selfupgrade/v1/versions/bad", guarded(bad_versions), methods=["GET", "POST"]),
+        Route("/selfupgrade/v1/openapi.json", guarded(openapi), methods=["GET"]),
+        Route("/metrics", guarded(metrics), methods=["GET"]),
+        Route("/", guarded(dashboard), methods=["GET"]),
+        Route("/health", guarded(health), methods=["GET"]),
+    ]
+    if cfg.noop_route:
+        routes.append(Route("/selfupgrade/v1/noop", guarded(noop), methods=["POST"]))
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 def _is_loopback(host: str) -> bool:
