@@ -18,6 +18,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
 
@@ -65,7 +66,11 @@ def parse_version(text: object) -> Version:
     Raises:
         InvalidVersion: naming the string and what is wrong with it.
     """
-    if not isinstance(text, str):
+    if isinstance(text, str):
+        known = _PARSED.get(text)
+        if known is not None:
+            return known
+    else:
         raise InvalidVersion(repr(text), f"a version must be a string, not {type(text).__name__}")
     if not text:
         raise InvalidVersion(text, "it is empty")
@@ -74,9 +79,19 @@ def parse_version(text: object) -> Version:
     if _HOSTILE_VERSION.search(text):
         raise InvalidVersion(text, "it contains a path separator, '..', NUL or whitespace")
     try:
-        return Version(text)
+        version = Version(text)
     except _PackagingInvalidVersion:
         raise InvalidVersion(text, "not a PEP 440 version such as 1.2.3") from None
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[text] = version
+    return version
+
+
+# A fleet reports a handful of versions, thousands of times a second: each string is parsed
+# once (``Version`` is immutable). Bounded, so that hostile strings cannot grow it.
+_PARSED: dict[str, Version] = {}
+_PARSED_MAX = 1024
 
 
 def check_url(url: object) -> str:
@@ -447,12 +462,10 @@ class Heartbeat:
         host = obj.get("host")
         if not isinstance(host, str) or not 0 < len(host) <= 255 or not host.isprintable():
             raise ValueError("heartbeat.host must be a printable string of 1 to 255 characters")
-        try:
-            state = UpgradeState(obj.get("state", "idle"))
-        except ValueError:
-            raise ValueError(
-                f"heartbeat.state must be one of {[s.value for s in UpgradeState]}"
-            ) from None
+        raw_state = obj.get("state", "idle")
+        state = _STATES.get(raw_state) if isinstance(raw_state, str) else None
+        if state is None:
+            raise ValueError(f"heartbeat.state must be one of {list(_STATES)}")
         error = obj.get("error")
         if error is not None and not isinstance(error, str):
             raise ValueError("heartbeat.error must be a string or null")
@@ -485,6 +498,12 @@ class Heartbeat:
         )
 
 
+# One shared empty mapping: hbs keeps the labels of every host's last heartbeat, and most
+# have none.
+_NO_STRINGS: Mapping[str, str] = MappingProxyType({})
+_STATES: Mapping[str, UpgradeState] = {s.value: s for s in UpgradeState}
+
+
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
@@ -495,7 +514,9 @@ def _require_mapping(value: object, name: str) -> Mapping[str, Any]:
     return value
 
 
-def _string_map(value: object, name: str, max_items: int = 64) -> dict[str, str]:
+def _string_map(value: object, name: str, max_items: int = 64) -> Mapping[str, str]:
+    if type(value) is dict and not value:
+        return _NO_STRINGS
     obj = _require_mapping(value, name)
     if len(obj) > max_items:
         raise ValueError(f"{name} has more than {max_items} entries")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -169,7 +170,16 @@ def open_store(url: str) -> Store:
 async def serve(cfg: Config) -> None:
     """Run the HTTP API and the RPC listener until SIGINT/SIGTERM."""
     store = open_store(cfg.store)
-    plane = ControlPlane(store, PlaneConfig(limits=cfg.limits))
+    # With Redis, a refused admission spares the next 0.2 s of heartbeats the round trip.
+    remote = not cfg.store.startswith("sqlite:")
+    plane = ControlPlane(
+        store, PlaneConfig(limits=cfg.limits, full_backoff_s=0.2 if remote else 0.0)
+    )
+    # What was loaded (the fleet view: a few objects per host) lives as long as the process;
+    # frozen, it is left out of the collector's full scans, which would otherwise stop every
+    # request for about 0.1 s per 600,000 hosts.
+    gc.collect()
+    gc.freeze()
     needs_token = bool(cfg.app.agent_token or cfg.app.agent_tokens)
     rpc = (
         await serve_falcon_rpc(

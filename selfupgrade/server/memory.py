@@ -466,12 +466,13 @@ class MemoryStore:
     # ---- the fleet view ------------------------------------------------------------------
 
     def save_hosts(self, seen: Iterable[HostSeen]) -> None:
-        """Record the latest heartbeats."""
+        """Record the latest heartbeats. The persistence hook runs after the lock is
+        released, so that heartbeats are not held up while a large batch is written."""
+        batch = list(seen)
         with self._lock:
-            batch = list(seen)
             for s in batch:
                 self._hosts[s.host] = s
-            self._persist_hosts(batch)
+        self._persist_hosts(batch)
 
     def hosts(self) -> dict[str, HostSeen]:
         """The latest heartbeat of every host."""
@@ -486,7 +487,8 @@ class MemoryStore:
         """Called under the lock after a rollout, some of its hosts, or members changed."""
 
     def _persist_hosts(self, seen: list[HostSeen]) -> None:
-        """Called under the lock after heartbeats were recorded."""
+        """Called (without the lock) after heartbeats were recorded; the caller makes sure
+        that batches do not overlap (the plane flushes one at a time)."""
 
     def _persist_bad(self, version: str, reason: str) -> None:
         """Called under the lock after a version was marked bad."""

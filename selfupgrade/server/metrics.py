@@ -37,8 +37,7 @@ class _PlaneCollector:
 
     def collect(self) -> Iterator[Metric]:
         plane = self.plane
-        plane.flush()
-        hosts = plane.store.hosts()
+        hosts = plane.fleet()
         by_version = GaugeMetricFamily(
             "selfupgrade_hosts", "Hosts by the version they last reported.", labels=["version"]
         )

@@ -2,7 +2,8 @@
 
 :class:`ControlPlane` is what every front end calls (the HTTP app, the falcon JSON-RPC
 listener, the fleet simulator). It keeps the fleet view (the last heartbeat of each host) in
-memory and flushes it to the store every second, reads the active rollout and its status from
+memory and writes what is new in it to the store every second (a host's unchanged heartbeat
+at most every :attr:`PlaneConfig.seen_save_s`), reads the active rollout and its status from
 the store at most once a second (so a rollout published on another hbs replica is seen within
 that time), asks :func:`~selfupgrade.server.core.decide` what a heartbeat means and the store
 to carry it out. :meth:`ControlPlane.tick` runs the housekeeping: flush, expire leases, and
@@ -65,11 +66,22 @@ class PlaneConfig:
         task_cache_s: how long the active rollout and its status read from the store are reused.
         lost_after_leases: a member silent for this many lease times is counted as lost (its
             wave can settle without it).
+        seen_save_s: a heartbeat that changes nothing but the host's last-seen time is written
+            to the store at most once per this time (a new host, or a change of version,
+            state, error or labels, is written at the next flush). The plane's own view is
+            always current; after a restart, a stored last-seen time is taken as up to this
+            much later, so that no host looks silent longer than it was.
+        full_backoff_s: after the store refused an admission (every slot held), answer
+            admissions "not now" without asking the store for this long. For a store across
+            the network (Redis), it saves a round trip for most heartbeats of a large wave; a
+            freed slot then waits at most this long. 0 asks every time.
     """
 
     limits: TaskLimits = field(default_factory=TaskLimits)
     task_cache_s: float = 1.0
     lost_after_leases: float = 3.0
+    seen_save_s: float = 300.0
+    full_backoff_s: float = 0.0
 
 
 class ControlPlane:
@@ -96,10 +108,13 @@ class ControlPlane:
         self._counters = TaskCounters()
         self._task_read_at = -1e18
         self._order_wire: dict[str, Any] | None = None
-        self._seen: dict[str, HostSeen] = dict(store.hosts())
+        self._flush_lock = threading.Lock()
+        self._seen: dict[str, HostSeen] = self._loaded_fleet()
+        self._last_beat: dict[str, float] = {h: s.seen_at for h, s in self._seen.items()}
         self._dirty: dict[str, HostSeen] = {}
         self._silent: tuple[str, int, float, list[str]] = ("", -1, -1e18, [])
         self._version_text: dict[Any, str] = {}
+        self._full_until = -math.inf
 
     # ---- heartbeats ----------------------------------------------------------------------
 
@@ -115,17 +130,7 @@ class ControlPlane:
         version = self._version_text.get(beat.version)
         if version is None:
             version = self._version_text.setdefault(beat.version, str(beat.version))
-        seen = HostSeen(
-            host=beat.host,
-            version=version,
-            state=beat.state.value,
-            seen_at=now,
-            error=beat.error,
-            labels=beat.labels,
-        )
-        with self._lock:
-            self._seen[beat.host] = seen
-            self._dirty[beat.host] = seen
+        self._record(beat.host, version, beat.state.value, beat.error, beat.labels, now)
         try:
             task = self.active_task(now)
             if task is None:
@@ -146,9 +151,13 @@ class ControlPlane:
             decision = decide(task, beat, progress, now, may_admit=may_admit)
             if decision.action == Action.NOTHING:
                 return None
+            if decision.action == Action.ADMIT and now < self._full_until:
+                return None
             send = self.store.apply(
                 task, beat.host, decision, failures=beat.failures, now=now, wave=wave
             )
+            if decision.action == Action.ADMIT and not send and self.config.full_backoff_s:
+                self._full_until = now + self.config.full_backoff_s
         except StoreError as exc:
             log.error("store failed; answering nothing: %s", exc)
             return None
@@ -166,17 +175,72 @@ class ControlPlane:
         For heartbeats that cannot change anything (a simulator's hosts whose wave has not
         started yet), so that their last-seen time stays true.
         """
-        seen = HostSeen(
-            host=beat.host,
-            version=str(beat.version),
-            state=beat.state.value,
-            seen_at=self._clock(),
-            error=beat.error,
-            labels=beat.labels,
+        self._record(
+            beat.host, str(beat.version), beat.state.value, beat.error, beat.labels, self._clock()
         )
+
+    def _record(
+        self,
+        host: str,
+        version: str,
+        state: str,
+        error: str | None,
+        labels: Mapping[str, str],
+        now: float,
+    ) -> None:
+        """Note that ``host`` was heard from; keep (and mark for the store) a new
+        :class:`HostSeen` only when it has news (see :attr:`PlaneConfig.seen_save_s`).
+
+        Most heartbeats repeat the last one: they change one float, and allocate nothing that
+        outlives the request (with a fleet of 600,000 hosts, a new object per heartbeat keeps
+        the garbage collector's full scans, and their pauses, coming).
+        """
+        save_s = self.config.seen_save_s
         with self._lock:
-            self._seen[beat.host] = seen
-            self._dirty[beat.host] = seen
+            self._last_beat[host] = now
+            prev = self._seen.get(host)
+            if (
+                prev is not None
+                and prev.seen_at // save_s == now // save_s
+                and prev.version == version
+                and prev.state == state
+                and prev.error == error
+                and prev.labels == labels
+            ):
+                return
+            seen = HostSeen(host, version, state, now, error, labels)
+            self._seen[host] = seen
+            self._dirty[host] = seen
+
+    def _loaded_fleet(self) -> dict[str, HostSeen]:
+        now = self._clock()
+        save_s = self.config.seen_save_s
+        return {
+            host: replace(s, seen_at=min(s.seen_at + save_s, max(s.seen_at, now)))
+            for host, s in self.store.hosts().items()
+        }
+
+    def last_seen(self, host: str) -> float | None:
+        """When ``host`` was last heard from (by this plane, exactly; by another replica, to
+        within :attr:`PlaneConfig.seen_save_s`), or ``None`` if never."""
+        mine = self._last_beat.get(host)
+        if mine is not None:
+            return mine
+        theirs = self.store.hosts().get(host)
+        return theirs.seen_at if theirs is not None else None
+
+    def fleet(self) -> dict[str, HostSeen]:
+        """The last heartbeat of every host: the store's view (every replica's), with this
+        plane's newer heartbeats over it. ``seen_at`` is exact to within
+        :attr:`PlaneConfig.seen_save_s` (:meth:`last_seen` is exact)."""
+        merged = self.store.hosts()
+        with self._lock:
+            local = list(self._seen.values())
+        for s in local:
+            other = merged.get(s.host)
+            if other is None or other.seen_at < s.seen_at:
+                merged[s.host] = s
+        return merged
 
     @staticmethod
     def _may_join(task: Task, beat: Heartbeat) -> bool:
@@ -215,9 +279,7 @@ class ControlPlane:
         if task.kind == "upgrade" and str(task.version) in bad:
             raise FieldError("version", f"{task.version} is marked bad: {bad[str(task.version)]}")
         if members is None:
-            self.flush()
-            with self._lock:
-                seen = dict(self._seen)
+            seen = self.fleet()
             plan = task.effective_plan
             targeted = [h for h, s in seen.items() if plan.matches(s.labels)]
             if not targeted and len(plan.waves) > 1:
@@ -300,8 +362,7 @@ class ControlPlane:
         upgraded = {
             p.host for p in self.store.all_progress(task_id) if p.state in ("done", "admitted")
         }
-        with self._lock:
-            seen = dict(self._seen)
+        seen = self.fleet()
         upgraded |= {
             h
             for h in self.store.members(task_id)
@@ -340,14 +401,12 @@ class ControlPlane:
 
     def versions(self) -> dict[str, str]:
         """``{host: version}`` of every host seen, here or by another replica."""
-        self.flush()
-        return {h: s.version for h, s in sorted(self.store.hosts().items())}
+        return {h: s.version for h, s in sorted(self.fleet().items())}
 
     def status(self) -> dict[str, Any]:
         """The active rollout, its counters, and the fleet by version and by state."""
         now = self._clock()
-        self.flush()
-        hosts = self.store.hosts()
+        hosts = self.fleet()
         task = self.active_task(now)
         counters = self.store.counters(task.id, now) if task is not None else TaskCounters()
         return {
@@ -395,21 +454,22 @@ class ControlPlane:
         if task is None:
             return None
         now = self._clock()
-        self.flush()
         c = self.store.counters(task_id, now)
         members = self.store.members(task_id)
         progress = {p.host: p for p in self.store.all_progress(task_id)}
-        seen = self.store.hosts()
+        seen = self.fleet()
         plan = task.effective_plan
         lost_after = self.config.lost_after_leases * task.limits.lease_s
         states: list[Counter[str]] = [Counter() for _ in plan.waves]
         hosts: dict[str, dict[str, Any]] = {}
         failures: list[dict[str, Any]] = []
+        last_beat = self._last_beat
         for host, index in sorted(members.items()):
-            state = _display(task, progress.get(host), seen.get(host), now, lost_after)
+            s = seen.get(host)
+            at = max(last_beat.get(host, -math.inf), s.seen_at if s else -math.inf)
+            state = _display(task, progress.get(host), s, now - at > lost_after)
             states[index][state] += 1
             if len(hosts) < 2000:
-                s = seen.get(host)
                 hosts[host] = {"wave": index, "state": state, "version": s.version if s else None}
             p = progress.get(host)
             if p is not None and p.reason:
@@ -470,17 +530,19 @@ class ControlPlane:
     # ---- housekeeping --------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write the heartbeats seen since the last flush to the store."""
-        with self._lock:
-            dirty, self._dirty = self._dirty, {}
-        if dirty:
-            try:
-                self.store.save_hosts(dirty.values())
-            except StoreError as exc:
-                log.error("could not save heartbeats: %s", exc)
-                with self._lock:
-                    for host, seen in dirty.items():
-                        self._dirty.setdefault(host, seen)
+        """Write the heartbeats with news since the last flush to the store (one flush at a
+        time, so that an older heartbeat never overwrites a newer one)."""
+        with self._flush_lock:
+            with self._lock:
+                dirty, self._dirty = self._dirty, {}
+            if dirty:
+                try:
+                    self.store.save_hosts(dirty.values())
+                except StoreError as exc:
+                    log.error("could not save heartbeats: %s", exc)
+                    with self._lock:
+                        for host, seen in dirty.items():
+                            self._dirty.setdefault(host, seen)
 
     def tick(self) -> None:
         """Periodic work: flush the fleet view, expire leases, bake and promote waves."""
@@ -523,20 +585,20 @@ class ControlPlane:
             settled = {
                 p.host for p in self.store.all_progress(task.id) if p.state in ("done", "failed")
             }
-            with self._lock:
-                silent = [
-                    host
-                    for host, w in self.store.members(task.id).items()
-                    if w == wave
-                    and host not in settled
-                    and (host not in self._seen or now - self._seen[host].seen_at > lost_after)
-                ]
+            # dict.get is atomic; the lock is not held over the scan, so heartbeats answered
+            # meanwhile are not held up by it.
+            get = self._last_beat.get
+            silent = []
+            for host, w in self.store.members(task.id).items():
+                if w == wave and host not in settled:
+                    at = get(host)
+                    if at is None or now - at > lost_after:
+                        silent.append(host)
             self._silent = (task.id, wave, now, silent)
         count = 0
         for host in silent:
-            with self._lock:
-                s = self._seen.get(host)
-            if s is not None and now - s.seen_at <= lost_after:
+            at = self._last_beat.get(host)
+            if at is not None and now - at <= lost_after:
                 continue  # it spoke again
             p = self.store.progress(task.id, host)
             if p is None or p.state not in ("done", "failed"):
@@ -544,16 +606,14 @@ class ControlPlane:
         return count
 
 
-def _display(
-    task: Task, p: HostProgress | None, s: HostSeen | None, now: float, lost_after: float
-) -> str:
+def _display(task: Task, p: HostProgress | None, s: HostSeen | None, silent: bool) -> str:
     if p is not None and p.state == "done":
         return "confirmed"
     if s is not None and s.state == "rolled_back" and p is not None and p.state != "admitted":
         return "rolled back"
     if p is not None and p.state in ("failed", "backoff"):
         return "failed"
-    if s is None or now - s.seen_at > lost_after:
+    if s is None or silent:
         return "lost"
     if p is not None and p.state == "admitted":
         return _DISPLAY.get(s.state, "pending")

@@ -11,6 +11,7 @@ forgot (an unknown ``type``, a malformed md5, a version that is not a version).
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -113,7 +114,7 @@ class Task:
     previous_version: str = ""
     manifest: bytes | None = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def effective_plan(self) -> Plan:
         """The plan, or the single wave of a task without one."""
         if self.plan is not None:
