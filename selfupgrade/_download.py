@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,13 @@ log = logging.getLogger("selfupgrade.download")
 
 
 class _Sink:
+    """Receives the fetcher's chunks: checks the cap and the deadline at once, and hands the
+    bytes, in batches of about 1 MiB, to a writer thread that writes them to the staged file
+    and feeds the stream check. Both ``os.write`` and hashing release the GIL, so a large
+    download is hashed and written on one core while the next bytes arrive on another
+    (hashing alone costs about as much as receiving). A download smaller than one batch never
+    starts the thread."""
+
     def __init__(
         self,
         fd: int,
@@ -45,6 +54,11 @@ class _Sink:
         self._deadline = deadline
         self._clock = clock
         self._received = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=_QUEUED_BATCHES)
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @property
     def received(self) -> int:
@@ -63,18 +77,65 @@ class _Sink:
                 expected=self._max,
                 actual=self._received + size,
             )
-        view = memoryview(chunk)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self.check.update(chunk)
         self._received += size
+        self._pending.append(bytes(chunk))
+        self._pending_bytes += size
+        if self._pending_bytes >= _BATCH_BYTES:
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        if self._error is not None:
+            raise self._error
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="download-writer")
+            self._writer.start()
+        self._queue.put(batch)
+
+    def _write_loop(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._consume(batch)
+                except BaseException as exc:  # handed to the receiving thread
+                    self._error = exc
+
+    def _consume(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            self.check.update(chunk)
+
+    def drain(self) -> None:
+        """Write and check everything received so far; raise what the writer raised."""
+        if self._writer is not None:
+            self._queue.put(self._pending)
+            self._queue.put(None)
+            self._writer.join()
+            self._writer = None
+        elif self._error is None:
+            try:
+                self._consume(self._pending)
+            except BaseException as exc:
+                self._error = exc
+        self._pending, self._pending_bytes = [], 0
+        if self._error is not None:
+            raise self._error
 
     def restart(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.drain()
+        self._error = None
         os.lseek(self._fd, 0, os.SEEK_SET)
         os.ftruncate(self._fd, 0)
         self.check = self._factory()
         self._received = 0
+
+
+_BATCH_BYTES = 1 << 20
+_QUEUED_BATCHES = 8
 
 
 def download_artifact(
@@ -102,6 +163,7 @@ def download_artifact(
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     ok = False
     deadline = clock() + timeout_s
+    sink: _Sink | None = None
     try:
         sink = _Sink(
             fd,
@@ -120,6 +182,7 @@ def download_artifact(
                 f"GET {artifact.url} failed in the fetcher: {type(exc).__name__}: {exc}",
                 url=artifact.url,
             ) from exc
+        sink.drain()
         if artifact.size is not None and sink.received != artifact.size:
             raise SizeMismatch(
                 f"{artifact.url} ended after {sink.received} of {artifact.size} bytes",
@@ -140,6 +203,9 @@ def download_artifact(
         )
         return sink.received
     finally:
+        if not ok and sink is not None:
+            with contextlib.suppress(BaseException):
+                sink.drain()  # stop the writer before the file goes
         os.close(fd)
         if not ok:
             with contextlib.suppress(FileNotFoundError):

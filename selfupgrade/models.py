@@ -476,7 +476,7 @@ class Heartbeat:
         labels = _string_map(obj.get("labels", {}), "heartbeat.labels")
         files_raw = _require_mapping(obj.get("files", {}), "heartbeat.files")
         files = {
-            str(role): _string_map(v, f"heartbeat.files.{role}") for role, v in files_raw.items()
+            str(role): _string_map(v, "heartbeat.files.", key=role) for role, v in files_raw.items()
         }
         confirmed = obj.get("confirmed", True)
         if not isinstance(confirmed, bool):
@@ -509,21 +509,28 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _require_mapping(value: object, name: str) -> Mapping[str, Any]:
+    if type(value) is dict:
+        return value
     if not isinstance(value, Mapping):
         raise ValueError(f"{name} must be a JSON object")
     return value
 
 
-def _string_map(value: object, name: str, max_items: int = 64) -> Mapping[str, str]:
+def _string_map(
+    value: object, name: str, max_items: int = 64, *, key: object = ""
+) -> Mapping[str, str]:
+    """A copy of ``value`` checked to map short strings to short strings; ``name`` (with
+    ``key`` after it) names it in errors."""
     if type(value) is dict and not value:
         return _NO_STRINGS
-    obj = _require_mapping(value, name)
-    if len(obj) > max_items:
-        raise ValueError(f"{name} has more than {max_items} entries")
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name}{key} must be a JSON object")
+    if len(value) > max_items:
+        raise ValueError(f"{name}{key} has more than {max_items} entries")
     out: dict[str, str] = {}
-    for k, v in obj.items():
+    for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, str) or len(k) > 128 or len(v) > 256:
-            raise ValueError(f"{name} must map short strings to short strings")
+            raise ValueError(f"{name}{key} must map short strings to short strings")
         out[k] = v
     return out
 

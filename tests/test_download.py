@@ -19,6 +19,7 @@ from selfupgrade import (
     SizeMismatch,
 )
 from selfupgrade._download import download_artifact
+from selfupgrade.errors import UntrustedContent
 from selfupgrade.testing import ArtifactServer, FakeFetcher, Fault, toy_release
 
 DATA = b"new program\n" * 10_000
@@ -123,3 +124,92 @@ def test_md5_is_refused_unless_allowed() -> None:
         DigestVerifier().check_order(order)
     DigestVerifier(allow_md5=True).check_order(order)
     DigestVerifier().check_order(toy_release("1.1").order("http://127.0.0.1/f"))
+
+
+# A download larger than one batch (1 MiB) is written and hashed on a writer thread.
+BIG = bytes(range(256)) * (5 * 4096)  # 5 MiB
+
+
+def _writer_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name == "download-writer"]
+
+
+def test_a_large_download_is_written_whole_and_verified(
+    tmp_path: Path, artifact_server: ArtifactServer
+) -> None:
+    url = artifact_server.add("big", BIG)
+    dest = tmp_path / "staged"
+    assert _run(_artifact(url, BIG, size=len(BIG)), dest, HttpFetcher()) == len(BIG)
+    assert dest.read_bytes() == BIG
+    assert _writer_threads() == []
+
+
+def test_a_large_download_with_wrong_bytes_is_deleted_and_the_writer_stopped(
+    tmp_path: Path, artifact_server: ArtifactServer
+) -> None:
+    url = artifact_server.add("big", BIG, fault=Fault(wrong_bytes=True))
+    dest = tmp_path / "staged"
+    with pytest.raises(DigestMismatch):
+        _run(_artifact(url, BIG), dest, HttpFetcher())
+    assert not dest.exists()
+    assert _writer_threads() == []
+
+
+def test_a_large_download_resumed_after_a_drop_is_byte_exact(
+    tmp_path: Path, artifact_server: ArtifactServer
+) -> None:
+    url = artifact_server.add("big", BIG, fault=Fault(drop_after=3_000_000))
+    dest = tmp_path / "staged"
+    assert _run(_artifact(url, BIG), dest, HttpFetcher()) == len(BIG)
+    assert dest.read_bytes() == BIG
+
+
+def test_a_large_download_without_range_support_starts_over_cleanly(
+    tmp_path: Path,
+) -> None:
+    # The fetcher restarts the sink when the server sends the whole file again.
+    class Twice:
+        def fetch(self, url: str, sink: object, *, deadline: float, max_bytes: int) -> None:
+            for start in range(0, 3_000_000, 65536):
+                sink.write(BIG[start : start + 65536])  # type: ignore[attr-defined]
+            sink.restart()  # type: ignore[attr-defined]
+            for start in range(0, len(BIG), 65536):
+                sink.write(BIG[start : start + 65536])  # type: ignore[attr-defined]
+
+        def close(self) -> None:
+            pass
+
+    dest = tmp_path / "staged"
+    assert _run(_artifact("http://127.0.0.1/big", BIG), dest, Twice()) == len(BIG)
+    assert dest.read_bytes() == BIG
+
+
+def test_an_error_of_the_stream_check_on_the_writer_thread_reaches_the_caller(
+    tmp_path: Path, artifact_server: ArtifactServer
+) -> None:
+    class Exploding:
+        def begin(self, artifact: Artifact) -> object:
+            class Check:
+                def update(self, chunk: bytes) -> None:
+                    raise UntrustedContent(f"checker gave up on {artifact.url}")
+
+                def finish(self) -> None:
+                    pass
+
+            return Check()
+
+    url = artifact_server.add("big", BIG)
+    dest = tmp_path / "staged"
+    with pytest.raises(UntrustedContent, match="checker gave up"):
+        download_artifact(
+            _artifact(url, BIG),
+            dest,
+            fetcher=HttpFetcher(),
+            verifier=Exploding(),  # type: ignore[arg-type]
+            max_bytes=1 << 30,
+            timeout_s=10,
+        )
+    assert not dest.exists()
+    assert _writer_threads() == []

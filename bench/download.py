@@ -1,0 +1,117 @@
+"""The agent's download of a 64 MiB artifact (sha256 computed while streaming, file fsynced)
+against ``curl -o file`` fetching the same file from the same nginx, in the same run.
+
+nginx (its usual worker per CPU) serves the file; the clients run one after the other, in
+alternation, ``--runs`` times each, unpinned; the figure of each is its median. curl is a new
+process each time; selfupgrade's figure is its second download in a process (an agent is a
+long-running process), the first is printed beside it.
+
+    python bench/download.py [--mib 64] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import machine, nginx, report, require
+
+_CHILD = """
+import sys, time
+from pathlib import Path
+from selfupgrade._download import download_artifact
+from selfupgrade.models import Artifact, Digest, Role
+from selfupgrade.transport.http import HttpFetcher
+from selfupgrade.verify.digest import DigestVerifier
+url, digest, dest = sys.argv[1:4]
+artifact = Artifact(Role.BIN, url, Digest.parse(digest))
+fetcher = HttpFetcher()
+for name in ("first", "second"):
+    started = time.perf_counter()
+    download_artifact(artifact, Path(dest + name), fetcher=fetcher, verifier=DigestVerifier(),
+                      max_bytes=1 << 40, timeout_s=600)
+    print(time.perf_counter() - started)
+"""
+
+
+def ours(url: str, digest: str, dest: Path) -> tuple[float, float]:
+    """Seconds for selfupgrade's download in a fresh process: its first, and a second in the
+    same process (an agent is a long-running process: its allocator has grown)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, url, digest, str(dest)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    first, second = (float(x) for x in out.stdout.split())
+    return first, second
+
+
+def curl(url: str, dest: Path) -> float:
+    """Seconds for ``curl -o dest url`` (time measured by curl itself)."""
+    out = subprocess.run(
+        ["curl", "-sS", "--fail", "-o", str(dest), "-w", "%{time_total}", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    return float(out.stdout.strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    require("curl")
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory(prefix="su-bench-dl-") as d:
+        tmp = Path(d)
+        (tmp / "www").mkdir()
+        data = os.urandom(args.mib << 20)
+        (tmp / "www" / "agent.bin").write_bytes(data)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        size = len(data)
+        del data
+        with nginx(static_root=tmp / "www", workers="auto", cpu=None) as port:
+            url = f"http://127.0.0.1:{port}/agent.bin"
+            ours_s, curl_s = [], []
+            for k in range(args.runs + 1):
+                for dest in tmp.glob("out-*"):
+                    dest.unlink()
+                c = curl(url, tmp / "out-curl")
+                first, o = ours(url, digest, tmp / "out-ours-")
+                if k:  # the first pair warms the page cache and nginx
+                    curl_s.append(c)
+                    ours_s.append(o)
+                    print(
+                        f"run {k}: curl {size / c / 1e6:,.0f} MB/s, "
+                        f"selfupgrade {size / o / 1e6:,.0f} MB/s (its first download in a "
+                        f"new process: {size / first / 1e6:,.0f} MB/s)",
+                        flush=True,
+                    )
+    curl_rate = size / statistics.median(curl_s) / 1e6
+    ours_rate = size / statistics.median(ours_s) / 1e6
+    report(
+        f"download of {args.mib} MiB (sha256 while streaming, fsync)",
+        ours_rate,
+        "MB/s",
+        ref=curl_rate,
+        ref_name="curl -o file, same server",
+        target=">= 0.8x curl",
+    )
+
+
+if __name__ == "__main__":
+    main()
