@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, demo (and bench, once benchmarks exist).
+"""Sessions: tests, lint, typecheck, demo, bench.
 
 ``python3 -m nox -s tests`` installs the package with its test extras in a virtualenv and runs
 pytest; extra arguments go to pytest (``python3 -m nox -s tests -- -k crash``).
@@ -39,3 +39,22 @@ def demo(session: nox.Session) -> None:
     """The fleet demo: N agents upgrade themselves through hbs (arguments go to the demo)."""
     session.install("-e", ".[server,redis,supervisor]")
     session.run("python", "-m", "examples.demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks (bench/): figures against their references, in a venv with only the
+    package and the extras the agent and hbs use. Needs wrk, nginx, curl and redis-server
+    (Debian packages). Each script also runs alone: ``python bench/<script> --help``."""
+    session.install("-e", ".[server,redis,sign]")
+    for script in BENCHMARKS:
+        session.run("python", f"bench/{script}")
+
+
+BENCHMARKS = [
+    "hbs_heartbeat.py",
+    "download.py",
+    "agent_idle.py",
+    "order_to_heartbeat.py",
+    "simulator.py",
+]
