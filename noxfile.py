@@ -46,7 +46,7 @@ def bench(session: nox.Session) -> None:
     """The benchmarks (bench/): figures against their references, in a venv with only the
     package and the extras the agent and hbs use. Needs wrk, nginx, curl and redis-server
     (Debian packages). Each script also runs alone: ``python bench/<script> --help``."""
-    session.install("-e", ".[server,redis,sign]")
+    session.install("-e", ".[server,redis,sign,supervisor]")
     for script in BENCHMARKS:
         session.run("python", f"bench/{script}")
 

@@ -100,6 +100,34 @@ def test_a_fleet_upgrades_through_hbs(hbs, make_fleet, artifact_server, release_
     assert hbs.rollout(detail["task"]["id"])["done"] == 6
 
 
+def test_a_signed_release_rolls_out_to_agents_that_trust_the_factorys_key(
+    hbs, make_fleet, artifact_server, release_factory
+) -> None:  # type: ignore[no-untyped-def]
+    from selfupgrade.verify.signature import SignatureVerifier
+
+    def verifier() -> SignatureVerifier:
+        keys = release_factory.trusted_keys()
+        return SignatureVerifier(keys, product="toyd", platform="linux-x86_64")
+
+    fleet = make_fleet(n=2, verifier=verifier)
+    plan = {"waves": [{"percent": 100}]}
+    new = release_factory.signed(
+        release_factory.toy("1.1"), product="toyd", platform="linux-x86_64"
+    )
+    body = new.rollout(artifact_server.publish(new), plan)
+    assert body["manifest"]["signed"]["version"] == "1.1"
+    assert body["release"]["artifacts"]["bin"]["url"].startswith(artifact_server.base_url)
+    hbs.start_rollout(body)
+    fleet.wait_until(version="1.1", timeout_s=60)
+    unsigned = release_factory.toy("1.2")  # the same agents refuse a release nobody signed
+    rid = hbs.start_rollout(unsigned.rollout(artifact_server.publish(unsigned), plan))["task"]["id"]
+    deadline = time.monotonic() + 30
+    while hbs.rollout(rid)["status"] != "halted" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "no signed manifest" in hbs.rollout(rid)["halt_reason"], fleet.describe()
+    assert set(fleet.versions().values()) == {"1.1"}
+
+
 def test_kill_and_crash_next_start(hbs, fleet, artifact_server, release_factory) -> None:  # type: ignore[no-untyped-def]
     from selfupgrade import Role
 

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from ..install.base import Installer, StagedFile
 from ..models import Artifact, Digest, HashAlgorithm, Release, Role, UpgradeOrder, parse_version
@@ -206,6 +206,22 @@ class ToyRelease:
             allow_downgrade=allow_downgrade,
             manifest=self.manifest,
         )
+
+    def rollout(
+        self, base_url: str, plan: Mapping[str, Any] | None = None, **order: Any
+    ) -> dict[str, Any]:
+        """The body of ``POST /selfupgrade/v1/rollouts`` for this release, whose artifacts are at
+        ``<base_url>/<role>_<version>`` (what :meth:`ArtifactServer.publish` returns), with
+        ``plan`` and its signed manifest, if any; ``order`` goes to :meth:`order`."""
+        wire = self.order(base_url, **order).to_wire()
+        body: dict[str, Any] = {
+            "release": {"version": self.version, "artifacts": wire["artifacts"]}
+        }
+        if plan is not None:
+            body["plan"] = dict(plan)
+        if self.manifest is not None:
+            body["manifest"] = json.loads(self.manifest)
+        return body
 
 
 def toy_version(program: bytes) -> str | None:
