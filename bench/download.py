@@ -39,22 +39,46 @@ for name in ("first", "second"):
     download_artifact(artifact, Path(dest + name), fetcher=fetcher, verifier=DigestVerifier(),
                       max_bytes=1 << 40, timeout_s=600)
     print(time.perf_counter() - started)
+if sys.argv[4:] == ["profile"]:
+    # Where the time goes: the same client's 1 MiB reads written to a file with neither
+    # digest nor fsync; then sha256 and fsync of the same bytes alone.
+    import hashlib, os
+    from selfupgrade.transport.http import HttpSettings
+    with HttpSettings().client(read_bytes=1 << 20) as client:
+        for name in ("plain1", "plain2"):
+            started = time.perf_counter()
+            with client.stream("GET", url) as r, open(dest + name, "wb") as f:
+                for chunk in r.iter_raw(1 << 20):
+                    f.write(chunk)
+            plain = time.perf_counter() - started
+    data = Path(dest + "second").read_bytes()
+    started = time.perf_counter()
+    hashlib.sha256(data).digest()
+    hashing = time.perf_counter() - started
+    with open(dest + "fsync", "wb") as f:
+        f.write(data)
+        f.flush()
+        started = time.perf_counter()
+        os.fsync(f.fileno())
+        syncing = time.perf_counter() - started
+    print(plain, hashing, syncing)
 """
 
 
-def ours(url: str, digest: str, dest: Path) -> tuple[float, float]:
+def ours(url: str, digest: str, dest: Path, profile: bool = False) -> list[float]:
     """Seconds for selfupgrade's download in a fresh process: its first, and a second in the
-    same process (an agent is a long-running process: its allocator has grown)."""
+    same process (an agent is a long-running process: its allocator has grown); with
+    ``profile``, then those of a plain download (same client, no digest, no fsync), of
+    sha256 over the bytes, and of their fsync."""
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, url, digest, str(dest)],
+        [sys.executable, "-c", _CHILD, url, digest, str(dest), *(["profile"] if profile else [])],
         capture_output=True,
         text=True,
         check=True,
         timeout=600,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    first, second = (float(x) for x in out.stdout.split())
-    return first, second
+    return [float(x) for x in out.stdout.split()]
 
 
 def curl(url: str, dest: Path) -> float:
@@ -87,11 +111,14 @@ def main() -> None:
         with nginx(static_root=tmp / "www", workers="auto", cpu=None) as port:
             url = f"http://127.0.0.1:{port}/agent.bin"
             ours_s, curl_s = [], []
+            profile: list[list[float]] = []
             for k in range(args.runs + 1):
                 for dest in tmp.glob("out-*"):
                     dest.unlink()
                 c = curl(url, tmp / "out-curl")
-                first, o = ours(url, digest, tmp / "out-ours-")
+                first, o, *parts = ours(url, digest, tmp / "out-ours-", profile=k > 0)
+                if parts:
+                    profile.append(parts)
                 if k:  # the first pair warms the page cache and nginx
                     curl_s.append(c)
                     ours_s.append(o)
@@ -110,6 +137,20 @@ def main() -> None:
         ref=curl_rate,
         ref_name="curl -o file, same server",
         target=">= 0.8x curl",
+    )
+    plain, hashing, syncing = (statistics.median(p[i] for p in profile) for i in range(3))
+    report(
+        "  where the time goes: the same client without digest or fsync",
+        size / plain / 1e6,
+        "MB/s",
+        ref=curl_rate,
+        ref_name="curl",
+    )
+    whole = {"curl": statistics.median(curl_s), "selfupgrade": statistics.median(ours_s)}
+    print(
+        f"  where the time goes: sha256 of {args.mib} MiB alone {hashing * 1e3:.0f} ms, "
+        f"fsync of {args.mib} MiB {syncing * 1e3:.0f} ms; whole downloads: "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in whole.items())
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -89,10 +90,10 @@ def measure(
     """Start hbs on ``store_url`` and measure: no-op, heartbeats, no-op again."""
     port = free_port()
     log = tmp / f"hbs-{label}.log"
+    entry = [args.hbs_wrapper] if args.hbs_wrapper else ["-m", "examples.hbs_server"]
     argv = [
         sys.executable,
-        "-m",
-        "examples.hbs_server",
+        *entry,
         "--http",
         f"127.0.0.1:{port}",
         "--rpc",
@@ -159,6 +160,9 @@ def measure(
                 flush=True,
             )
             rounds.append((noop, beat, before, after))
+    if args.keep_logs:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log, args.keep_logs / log.name)
     noop_rps = statistics.median(n.requests_per_s for n, _, _, _ in rounds)
     beat_rps = statistics.median(b.requests_per_s for _, b, _, _ in rounds)
     beat_p99 = statistics.median(b.p99_ms for _, b, _, _ in rounds)
@@ -262,6 +266,14 @@ def main() -> None:
         "--stress",
         action="store_true",
         help="also run the embedded store with 2000 slots (10x the writes)",
+    )
+    parser.add_argument(
+        "--hbs-wrapper",
+        help="a Python file run instead of `-m examples.hbs_server` with the same arguments "
+        "(it runs hbs itself, for example under a profiler or a stall watchdog)",
+    )
+    parser.add_argument(
+        "--keep-logs", type=Path, help="copy each hbs log into this directory at the end"
     )
     args = parser.parse_args()
     print(f"machine: {machine()}")
