@@ -300,3 +300,67 @@ def test_seed_bodies_are_validated_field_by_field(body: object, field: str) -> N
     with pytest.raises(FieldError) as info:
         task_from_seed(body, limits=TaskLimits(), now=0)
     assert info.value.field == field
+
+
+# ---- the fleet view's writes, and large rollouts ------------------------------------------
+
+
+class RecordingStore(MemoryStore):
+    """Records when each host's view is written (the persistence hook SQLite overrides)."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.writes: list[tuple[float, str]] = []
+
+    def _persist_hosts(self, seen) -> None:  # type: ignore[no-untyped-def]
+        self.writes.extend((self.clock.now, s.host) for s in seen)
+
+
+def test_unchanged_heartbeats_are_written_once_per_seen_save_s_spread_over_it() -> None:
+    clock = Clock()
+    store = RecordingStore(clock)
+    plane = ControlPlane(store, PlaneConfig(seen_save_s=300), clock=clock)
+    hosts = [f"h{i:04d}" for i in range(2000)]
+    start = clock.now
+    for second in range(30 * 60):  # 30 minutes; each host beats once a minute, at its second
+        clock.now = start + second
+        for host in hosts[second % 60 :: 60]:
+            plane.heartbeat(beat(host))
+        plane.flush()
+    per_host = {h: 0 for h in hosts}
+    per_minute: dict[int, int] = {}
+    for at, host in store.writes:
+        per_host[host] += 1
+        per_minute[int(at - start) // 60] = per_minute.get(int(at - start) // 60, 0) + 1
+    # the first heartbeat, then one per 5-minute period of the host's: 6 or 7 in 30 minutes
+    assert set(per_host.values()) <= {6, 7}, sorted(set(per_host.values()))
+    # spread: about 2000 / 5 a minute, never the whole fleet in the minute after a period ends
+    assert per_minute[0] == 2000
+    assert max(n for minute, n in per_minute.items() if minute) < 700, per_minute
+    # news is written at the next flush, whatever the period
+    clock.now += 1
+    plane.heartbeat(beat("h0001", "1.1"))
+    plane.flush()
+    assert store.writes[-1] == (clock.now, "h0001")
+
+
+def test_a_rollouts_members_are_stored_before_it_is_published(tmp_path: Path) -> None:
+    """SQLite writes a large rollout's members in chunks before the rollout's own row; the
+    members of a rollout whose row never came (hbs stopped in between) are dropped at load."""
+    clock = Clock()
+    store = SqliteStore(tmp_path / "hbs.db")
+    members = {f"h{i:05d}": 0 for i in range(25_000)}
+    store._persist_members("orphan", {"x": 0, "y": 1})  # as if hbs died before publishing
+    t = task(limit=2, attempts=3)
+    store.publish(t, members)
+    plane_with(store, clock).heartbeat(beat("h00007"))
+    store.close()
+
+    again = SqliteStore(tmp_path / "hbs.db")
+    assert again.active_task() == t
+    assert again.members(t.id) == members
+    assert again.progress(t.id, "h00007").state == "admitted"
+    rows = again._db.execute("SELECT COUNT(*) FROM members WHERE task_id = 'orphan'").fetchone()
+    assert rows == (0,)
+    again.close()

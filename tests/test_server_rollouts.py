@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import threading
 import zoneinfo
 from pathlib import Path
 
@@ -407,3 +408,39 @@ def test_a_staged_rollout_needs_known_hosts() -> None:
     with pytest.raises(FieldError, match="no host that matches the plan has sent a heartbeat"):
         plane.publish(rollout(THREE_WAVES))
     plane.publish(rollout({"waves": [{"percent": 100}]}))  # one wave: hosts join as they come
+
+
+def test_heartbeats_are_answered_while_a_rollout_is_being_published(tmp_path: Path) -> None:
+    """Publishing (which for a large fleet means storing hundreds of thousands of members)
+    runs off the event loop: a heartbeat sent meanwhile is answered, over real HTTP."""
+    import httpx
+
+    from selfupgrade.testing import HbsServer
+
+    def wire(host: str) -> dict[str, object]:
+        return Heartbeat(host, parse_version("1.0"), UpgradeState.IDLE).to_wire()
+
+    with HbsServer(tmp_path / "hbs") as hbs, httpx.Client(timeout=10, trust_env=False) as client:
+        for host in ("a", "b"):
+            assert client.post(hbs.heartbeat_url, json=wire(host)).json() == {"order": None}
+        assert hbs.store is not None
+        storing, answered = threading.Event(), threading.Event()
+        write_members = hbs.store._persist_members
+
+        def slow_members(task_id: str, members: dict[str, int]) -> None:
+            storing.set()
+            answered.wait(timeout=30)  # held until the heartbeat below was answered
+            write_members(task_id, members)
+
+        hbs.store._persist_members = slow_members  # type: ignore[method-assign]
+        body = {"wgeturl": "http://127.0.0.1:9/f", "version": "1.1", "binfile_md5": "0" * 32}
+        publishing = threading.Thread(target=hbs.publish, args=(body,))
+        publishing.start()
+        try:
+            assert storing.wait(timeout=10)
+            reply = client.post(hbs.heartbeat_url, json=wire("c"))  # times out if blocked
+            assert reply.status_code == 200 and reply.json() == {"order": None}
+        finally:
+            answered.set()
+            publishing.join(timeout=30)
+        assert client.post(hbs.heartbeat_url, json=wire("a")).json()["order"] is not None

@@ -39,7 +39,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 try:
     from starlette.applications import Starlette
@@ -63,6 +63,8 @@ from .tasks import FieldError, seed_args
 __all__ = ["AppConfig", "bearer_scope", "create_app", "token_matches"]
 
 log = logging.getLogger("selfupgrade.server")
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 HEARTBEAT_PATH = "/selfupgrade/v1/heartbeat"
 NOOP_PATH = "/selfupgrade/v1/noop"
@@ -148,6 +150,13 @@ def _success(data: Any) -> JSONResponse:
     return JSONResponse({"msg": "success", "data": data})
 
 
+async def _off_loop(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """Run ``fn(*args)`` on a worker thread. Everything that grows with the fleet (publishing
+    a rollout of 600,000 members, the fleet view, a rollout's detail) runs there, so that the
+    event loop goes on answering heartbeats meanwhile."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
 def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlette:
     """The hbs ASGI app over ``plane``."""
     cfg = config or AppConfig()
@@ -218,13 +227,13 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
             require_admin(request)
             body = await read_json(request)
             try:
-                task = plane.publish_seed(body)
+                task = await _off_loop(plane.publish_seed, body)
             except FieldError as exc:
                 raise _HttpError(400, str(exc), exc.field) from None
             return _success({**(task.seed_view() or {}), "task_id": task.id})
         if request.method == "DELETE":
             require_admin(request)
-            cancelled = plane.cancel()
+            cancelled = await _off_loop(plane.cancel)
             return _success(
                 f"upgrade {cancelled.id} cancelled" if cancelled else "no upgrade to cancel"
             )
@@ -238,15 +247,15 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
 
     async def agentversions(request: Request) -> Response:
         require_read(request)
-        return _success(plane.versions())
+        return await _off_loop(lambda: _success(plane.versions()))
 
     async def agents(request: Request) -> Response:
         require_read(request)
-        return _success(sorted(plane.versions()))
+        return await _off_loop(lambda: _success(sorted(plane.versions())))
 
     async def status(request: Request) -> Response:
         require_read(request)
-        return JSONResponse(plane.status())
+        return await _off_loop(lambda: JSONResponse(plane.status()))
 
     async def health(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -254,22 +263,29 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
     async def rollouts(request: Request) -> Response:
         if request.method == "GET":
             require_read(request)
-            return JSONResponse({"rollouts": plane.summaries()})
+            return await _off_loop(lambda: JSONResponse({"rollouts": plane.summaries()}))
         require_admin(request)
         body = await read_json(request)
-        try:
-            task = rollout_from_json(body, plane.config.limits, plane_clock())
-            task = plane.publish(task)
-        except FieldError as exc:
-            raise _HttpError(400, str(exc), exc.field) from None
-        return JSONResponse(plane.detail(task.id), status_code=201)
+
+        def publish() -> Response:
+            try:
+                task = plane.publish(rollout_from_json(body, plane.config.limits, plane_clock()))
+            except FieldError as exc:
+                raise _HttpError(400, str(exc), exc.field) from None
+            return JSONResponse(plane.detail(task.id), status_code=201)
+
+        return await _off_loop(publish)
 
     async def rollout(request: Request) -> Response:
         require_read(request)
-        detail = plane.detail(request.path_params["id"])
-        if detail is None:
-            raise _HttpError(404, f"no rollout {request.path_params['id']}", "id")
-        return JSONResponse(detail)
+
+        def view() -> Response:
+            detail = plane.detail(request.path_params["id"])
+            if detail is None:
+                raise _HttpError(404, f"no rollout {request.path_params['id']}", "id")
+            return JSONResponse(detail)
+
+        return await _off_loop(view)
 
     async def rollout_action(request: Request) -> Response:
         require_admin(request)
@@ -279,29 +295,33 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
         body = await read_json(request) if int(request.headers.get("content-length") or 0) else {}
         if not isinstance(body, dict):
             raise _HttpError(400, "body must be a JSON object", "body")
-        try:
-            if action == "rollback":
-                release = None
-                if body.get("release") is not None:
-                    release = release_from_json(body["release"], "release")
-                mark_bad = body.get("mark_bad", False)
-                if not isinstance(mark_bad, bool):
-                    raise FieldError("mark_bad", "must be true or false")
-                task = plane.rollback(task_id, mark_bad=mark_bad, release=release)
-                return JSONResponse(plane.detail(task.id), status_code=201)
-            if action not in ("pause", "resume", "abort"):
-                raise _HttpError(404, f"unknown action {action!r}", "action")
-            reason = body.get("reason", "")
-            if not isinstance(reason, str) or len(reason) > 500:
-                raise FieldError("reason", "must be a string of at most 500 characters")
-            if not plane.control(task_id, action, reason):
-                detail = plane.detail(task_id) or {}
-                raise _HttpError(
-                    409, f"cannot {action} a rollout that is {detail.get('status')}", "action"
-                )
-        except FieldError as exc:
-            raise _HttpError(400, str(exc), exc.field) from None
-        return JSONResponse(plane.detail(task_id))
+
+        def act() -> Response:
+            try:
+                if action == "rollback":
+                    release = None
+                    if body.get("release") is not None:
+                        release = release_from_json(body["release"], "release")
+                    mark_bad = body.get("mark_bad", False)
+                    if not isinstance(mark_bad, bool):
+                        raise FieldError("mark_bad", "must be true or false")
+                    task = plane.rollback(task_id, mark_bad=mark_bad, release=release)
+                    return JSONResponse(plane.detail(task.id), status_code=201)
+                if action not in ("pause", "resume", "abort"):
+                    raise _HttpError(404, f"unknown action {action!r}", "action")
+                reason = body.get("reason", "")
+                if not isinstance(reason, str) or len(reason) > 500:
+                    raise FieldError("reason", "must be a string of at most 500 characters")
+                if not plane.control(task_id, action, reason):
+                    detail = plane.detail(task_id) or {}
+                    raise _HttpError(
+                        409, f"cannot {action} a rollout that is {detail.get('status')}", "action"
+                    )
+            except FieldError as exc:
+                raise _HttpError(400, str(exc), exc.field) from None
+            return JSONResponse(plane.detail(task_id))
+
+        return await _off_loop(act)
 
     async def bad_versions(request: Request) -> Response:
         if request.method == "GET":
@@ -318,7 +338,7 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
         reason = body.get("reason", "marked bad by an operator")
         if not isinstance(reason, str) or len(reason) > 500:
             raise _HttpError(400, "must be a string of at most 500 characters", "reason")
-        plane.store.mark_bad(str(version), reason)
+        await _off_loop(plane.store.mark_bad, str(version), reason)
         return JSONResponse({"bad": plane.store.bad_versions()})
 
     async def openapi(request: Request) -> Response:
@@ -327,7 +347,8 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
 
     async def metrics(request: Request) -> Response:
         require_read(request)
-        return Response(render_metrics(plane), media_type=METRICS_CONTENT_TYPE)
+        text = await _off_loop(render_metrics, plane)
+        return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     async def dashboard(request: Request) -> Response:
         return HTMLResponse(DASHBOARD_HTML)

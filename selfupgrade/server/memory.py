@@ -195,6 +195,10 @@ class MemoryStore:
     def publish(self, task: Task, members: Mapping[str, int] | None = None) -> None:
         """Make ``task`` the active rollout with ``members`` (host -> wave); the previous one is
         cancelled and its slots freed."""
+        members = dict(members or {})
+        # A large rollout's members are written before the lock is taken: heartbeats go on
+        # being answered meanwhile, and nobody reads members of a task not yet published.
+        self._persist_members(task.id, members)
         with self._lock:
             previous = self._active
             if (
@@ -204,7 +208,7 @@ class MemoryStore:
             ):
                 released = self._set_status_locked(previous, "cancelled", "replaced by " + task.id)
                 self._persist(previous, hosts=released)
-            record = _TaskRecord(task, members=dict(members or {}))
+            record = _TaskRecord(task, members=members)
             record.waves = [WaveCounters() for _ in task.effective_plan.waves]
             for wave in record.members.values():
                 record.waves[wave] = replace(
@@ -212,7 +216,7 @@ class MemoryStore:
                 )
             self._tasks[task.id] = record
             self._active = task.id
-            self._persist(task.id, hosts=(), members=record.members)
+            self._persist(task.id, hosts=())
 
     def active_task(self) -> Task | None:
         """The rollout hosts are compared against (the newest that was not replaced)."""
@@ -485,6 +489,9 @@ class MemoryStore:
         self, task_id: str, *, hosts: Iterable[str], members: Mapping[str, int] | None = None
     ) -> None:
         """Called under the lock after a rollout, some of its hosts, or members changed."""
+
+    def _persist_members(self, task_id: str, members: Mapping[str, int]) -> None:
+        """Called without the lock before ``task_id`` is published with ``members``."""
 
     def _persist_hosts(self, seen: list[HostSeen]) -> None:
         """Called (without the lock) after heartbeats were recorded; the caller makes sure

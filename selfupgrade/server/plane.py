@@ -196,12 +196,15 @@ class ControlPlane:
         the garbage collector's full scans, and their pauses, coming).
         """
         save_s = self.config.seen_save_s
+        # Each host's periods start at its own phase, so that the fleet's rewrites are spread
+        # over the period instead of all falling in the minute after a multiple of it.
+        phase = (hash(host) & 0xFFFF) * save_s / 0x10000
         with self._lock:
             self._last_beat[host] = now
             prev = self._seen.get(host)
             if (
                 prev is not None
-                and prev.seen_at // save_s == now // save_s
+                and (prev.seen_at + phase) // save_s == (now + phase) // save_s
                 and prev.version == version
                 and prev.state == state
                 and prev.error == error

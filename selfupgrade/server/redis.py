@@ -297,7 +297,9 @@ class RedisStore:
         for wave in members.values():
             per_wave[wave] += 1
         meta, leases, progress, members_key = self._keys(task.id)
-        pipe = self._r.pipeline(transaction=True)
+        # Not a MULTI: Redis serves other clients between these commands, and nothing reads
+        # the keys of a rollout before the script below publishes it.
+        pipe = self._r.pipeline(transaction=False)
         pipe.delete(meta, leases, progress, members_key)
         items = list(members.items())
         for i in range(0, len(items), 1000):

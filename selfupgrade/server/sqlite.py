@@ -83,6 +83,7 @@ _UPSERT_HOST = (
     " ON CONFLICT(host) DO UPDATE SET body = excluded.body"
 )
 _HOSTS_CHUNK = 500
+_MEMBERS_CHUNK = 10_000
 _CHECKPOINT_S = 1.0
 
 
@@ -129,6 +130,8 @@ class SqliteStore(MemoryStore):
         self._checkpointer.start()
 
     def _load(self) -> None:
+        # Members written for a rollout whose own row never was (hbs stopped in between).
+        self._db.execute("DELETE FROM members WHERE task_id NOT IN (SELECT id FROM tasks)")
         rows = self._db.execute(
             "SELECT id, body, status, halt_reason, done, failed, failures, wave, wave_done_at,"
             " waves, active FROM tasks ORDER BY seq"
@@ -210,6 +213,25 @@ class SqliteStore(MemoryStore):
                 self._written.pop(task_id, None)
                 raise StoreError(f"writing to {self.path} failed: {exc}") from exc
         self._written[task_id] = row
+
+    def _persist_members(self, task_id: str, members: Mapping[str, int]) -> None:
+        # In transactions of _MEMBERS_CHUNK rows, the database lock released between them, so
+        # that heartbeats' writes go on while a rollout of 600,000 hosts is stored. The task's
+        # row comes after them: if hbs dies in between, _load removes the rows of no task.
+        items = [(task_id, h, w) for h, w in members.items()]
+        for start in range(0, len(items), _MEMBERS_CHUNK):
+            with self._db_lock:
+                try:
+                    self._db.execute("BEGIN")
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO members (task_id, host, wave) VALUES (?, ?, ?)",
+                        items[start : start + _MEMBERS_CHUNK],
+                    )
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise StoreError(f"writing to {self.path} failed: {exc}") from exc
 
     def _persist_hosts(self, seen: list[HostSeen]) -> None:
         # In transactions of _HOSTS_CHUNK rows: one commit per chunk instead of one per row,
