@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import machine, report
 from examples.falcon_agent.build import Built, build
-from examples.fleet import AGENT_CFG, serve_release
+from examples.fleet import AGENT_CFG, agent_command, agent_env, serve_release
 from selfupgrade.server.tasks import TaskLimits
 from selfupgrade.testing import ArtifactServer
 from selfupgrade.testing.harness import ServiceHarness, Supervisord, stop_pid
@@ -73,32 +73,6 @@ class Clock:
         return value
 
 
-def command(home: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "selfupgrade",
-        "guard",
-        "--state-dir",
-        str(home / "state"),
-        "--",
-        str(home / "opt" / "falcon-agent"),
-        "-c",
-        str(home / "opt" / "cfg.json"),
-    ]
-
-
-def env(home: Path, hbs: HbsServer, restarter: str) -> dict[str, str]:
-    return {
-        "FALCON_AGENT_HOSTNAME": HOST,
-        "FALCON_AGENT_HBS": hbs.heartbeat_url,
-        "FALCON_AGENT_STATE_DIR": str(home / "state"),
-        "FALCON_AGENT_HTTP": "off",
-        "FALCON_AGENT_RESTARTER": restarter,
-        "FALCON_AGENT_PROGRAM": HOST,
-    }
-
-
 def one_run(restarter: str, old: Built, new: Built, tmp: Path) -> tuple[float, float]:
     """(start to first heartbeat, order to the new version's first heartbeat), seconds."""
     home = tmp / "host"
@@ -107,20 +81,20 @@ def one_run(restarter: str, old: Built, new: Built, tmp: Path) -> tuple[float, f
     with HbsServer(tmp / "hbs", limits=limits, tick_s=0.1) as hbs, ArtifactServer() as files:
         clock = Clock(hbs)
         wgeturl = serve_release(files, new)
-        e = env(home, hbs, restarter)
+        e = agent_env(home, HOST, hbs.heartbeat_url, restarter)
         started = time.monotonic()
         if restarter == "systemd":
-            runner: object = ServiceHarness(command(home), env=e, log_path=tmp / "agent.log")
+            runner: object = ServiceHarness(agent_command(home), env=e, log_path=tmp / "agent.log")
         elif restarter == "supervisor":
             sup = Supervisord(tmp / "supervisor")
-            sup.add_program(HOST, command(home), env=e)
+            sup.add_program(HOST, agent_command(home), env=e)
             runner = sup
         else:
             import os
 
             log = (tmp / "agent.log").open("wb")
             proc = subprocess.Popen(
-                command(home), env={**os.environ, **e}, stdout=log, stderr=subprocess.STDOUT
+                agent_command(home), env={**os.environ, **e}, stdout=log, stderr=subprocess.STDOUT
             )
             runner = proc
         try:

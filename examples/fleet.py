@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from selfupgrade.guard import guard_command
 from selfupgrade.testing import ArtifactServer, Supervisord, free_port, stop_pid
 
 from .falcon_agent.build import Built, build
@@ -194,29 +195,8 @@ class Fleet:
             addr = url if transport == "rpc" else f"{url}/selfupgrade/v1/heartbeat"
             self.sup.add_program(
                 name,
-                [
-                    sys.executable,
-                    "-m",
-                    "selfupgrade",
-                    "guard",
-                    "--state-dir",
-                    str(home / "state"),
-                    "--",
-                    str(home / "opt" / "falcon-agent"),
-                    "-c",
-                    str(home / "opt" / "cfg.json"),
-                ],
-                env={
-                    "FALCON_AGENT_HOSTNAME": name,
-                    "FALCON_AGENT_HBS": addr,
-                    "FALCON_AGENT_STATE_DIR": str(home / "state"),
-                    "FALCON_AGENT_HTTP": "off",
-                    "FALCON_AGENT_RESTARTER": "supervisor",
-                    "FALCON_AGENT_PROGRAM": name,
-                    "FALCON_AGENT_LABELS": ",".join(
-                        f"{k}={v}" for k, v in (labels or {}).get(name, {}).items()
-                    ),
-                },
+                agent_command(home),
+                env=agent_env(home, name, addr, "supervisor", (labels or {}).get(name)),
                 autorestart=autorestart,
             )
 
@@ -238,6 +218,28 @@ class Fleet:
 
     def __exit__(self, *exc: object) -> None:
         self.sup.stop()
+
+
+def agent_command(home: Path) -> list[str]:
+    """The falcon agent installed in ``home/opt``, run under ``selfupgrade guard``."""
+    opt = home / "opt"
+    return guard_command(home / "state", [str(opt / "falcon-agent"), "-c", str(opt / "cfg.json")])
+
+
+def agent_env(
+    home: Path, name: str, hbs: str, restarter: str, labels: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of agent ``name`` in ``home``: its hbs address, restarter and labels;
+    its own HTTP API off."""
+    return {
+        "FALCON_AGENT_HOSTNAME": name,
+        "FALCON_AGENT_HBS": hbs,
+        "FALCON_AGENT_STATE_DIR": str(home / "state"),
+        "FALCON_AGENT_HTTP": "off",
+        "FALCON_AGENT_RESTARTER": restarter,
+        "FALCON_AGENT_PROGRAM": name,
+        "FALCON_AGENT_LABELS": ",".join(f"{k}={v}" for k, v in (labels or {}).items()),
+    }
 
 
 def serve_release(server: ArtifactServer, built: Built, **faults: Any) -> str:

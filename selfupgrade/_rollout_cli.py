@@ -19,16 +19,6 @@ import httpx
 
 __all__ = ["add_parser", "render", "run"]
 
-STATES = (
-    "pending",
-    "downloading",
-    "installing",
-    "restarting",
-    "confirmed",
-    "failed",
-    "rolled back",
-    "lost",
-)
 EXIT = {"complete": 0, "halted": 2, "aborted": 3, "cancelled": 3}
 
 
@@ -194,7 +184,8 @@ def render(d: dict[str, Any]) -> str:
             f"  halted: {d['halt_reason']}" if d["status"] == "halted" else f"  {d['halt_reason']}"
         )
     for w in d["waves"]:
-        counts = "  ".join(f"{s} {w['states'].get(s, 0)}" for s in STATES if w["states"].get(s))
+        # hbs sends every state of a wave, in display order
+        counts = "  ".join(f"{s} {n}" for s, n in w["states"].items() if n)
         bake = f" ({_duration(w['bake_left_s'])} left)" if w.get("bake_left_s") is not None else ""
         lines.append(
             f"  wave {w['index'] + 1} {w['name']:<10} {_bar(w['done'], w['failed'], w['members'])} "

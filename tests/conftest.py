@@ -7,9 +7,11 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from selfupgrade.server import MemoryStore, SqliteStore, Store
 from selfupgrade.testing import RedisServer, find_redis_server
 
 
@@ -64,3 +66,22 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
+    """A fresh store of ``kind``: ``memory``, ``sqlite`` or ``redis``."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SqliteStore(tmp_path / "hbs.db")
+    from selfupgrade.server.redis import RedisStore
+
+    return RedisStore(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Each store in turn (the Redis one on the session's redis-server)."""
+    s = make_store(request.param, tmp_path, request)
+    yield s
+    s.close()

@@ -110,20 +110,14 @@ def browse(url: str, tmp: Path, screenshot: Path | None = None) -> str:
     return done.stdout.decode()
 
 
+def rollout_cli(hbs: Hbs, *args: str) -> list[str]:
+    """``selfupgrade rollout --server <hbs> <args>``."""
+    return [sys.executable, "-m", "selfupgrade", "rollout", "--server", hbs.url, *args]
+
+
 def watch_cli(hbs: Hbs, rollout_id: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "selfupgrade",
-            "rollout",
-            "--server",
-            hbs.url,
-            "watch",
-            rollout_id,
-            "--interval-s",
-            "0.5",
-        ],
+        rollout_cli(hbs, "watch", rollout_id, "--interval-s", "0.5"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -343,17 +337,7 @@ def test_a_closed_maintenance_window_admits_nobody(
         assert (
             json.loads(
                 subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "selfupgrade",
-                        "rollout",
-                        "--server",
-                        hbs.url,
-                        "status",
-                        rid,
-                        "--json",
-                    ],
+                    rollout_cli(hbs, "status", rid, "--json"),
                     capture_output=True,
                     text=True,
                     timeout=30,

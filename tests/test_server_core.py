@@ -21,6 +21,7 @@ from selfupgrade.server import (
 )
 from selfupgrade.server.tasks import HostProgress
 
+from .conftest import make_store
 from .server_helpers import CFG, beat, task
 
 
@@ -88,23 +89,6 @@ def test_config_only_task_is_done_by_digest() -> None:
 
 
 # ---- stores ----------------------------------------------------------------------------
-
-
-def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    if kind == "memory":
-        return MemoryStore()
-    if kind == "sqlite":
-        return SqliteStore(tmp_path / "hbs.db")
-    from selfupgrade.server.redis import RedisStore
-
-    return RedisStore(request.getfixturevalue("redis_url"))
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = make_store(request.param, tmp_path, request)
-    yield s
-    s.close()
 
 
 def test_admission_stops_at_the_limit_and_resumes_when_hosts_finish(store) -> None:  # type: ignore[no-untyped-def]

@@ -39,23 +39,6 @@ class Clock:
         return self.now
 
 
-def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    if kind == "memory":
-        return MemoryStore()
-    if kind == "sqlite":
-        return SqliteStore(tmp_path / "hbs.db")
-    from selfupgrade.server.redis import RedisStore
-
-    return RedisStore(request.getfixturevalue("redis_url"))
-
-
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = make_store(request.param, tmp_path, request)
-    yield s
-    s.close()
-
-
 def rollout(plan: dict, version: str = "1.1", **limits) -> Task:  # type: ignore[no-untyped-def, type-arg]
     base = task(version)
     settings = {"lease_s": 30, "max_attempts": 3, "retry_backoff_s": 10, **limits}

@@ -9,7 +9,7 @@ import threading
 from types import TracebackType
 from typing import Any, TypeVar
 
-__all__ = ["Managed", "ThreadedHttpServer"]
+__all__ = ["Managed", "RecordsErrors", "ThreadedHttpServer"]
 
 _M = TypeVar("_M", bound="Managed")
 
@@ -37,6 +37,36 @@ class Managed:
         self.stop()
 
 
+class RecordsErrors(Managed):
+    """A :class:`Managed` whose background threads record errors with :meth:`_error`;
+    :meth:`check` re-raises the first, and so does a clean ``__exit__``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._errors: list[BaseException] = []
+
+    def check(self) -> None:
+        """Re-raise the first error that happened in a background thread, if any."""
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
+
+    def _error(self, exc: BaseException) -> None:
+        with self._lock:
+            self._errors.append(exc)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if exc_type is None:
+            self.check()
+
+
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
@@ -48,7 +78,7 @@ class _Server(http.server.ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-class ThreadedHttpServer(Managed):
+class ThreadedHttpServer(RecordsErrors):
     """A ``ThreadingHTTPServer`` on 127.0.0.1 and a free port, served from a thread.
 
     Errors recorded with :meth:`_error` in handler threads are re-raised by :meth:`check`, and
@@ -56,8 +86,7 @@ class ThreadedHttpServer(Managed):
     """
 
     def __init__(self, host: str, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
-        self._lock = threading.Lock()
-        self._errors: list[BaseException] = []
+        super().__init__()
         self._server = _Server((host, 0), handler)
         self._thread: threading.Thread | None = None
 
@@ -82,24 +111,3 @@ class ThreadedHttpServer(Managed):
             self._thread.join(5)
             self._thread = None
         self._server.server_close()
-
-    def check(self) -> None:
-        """Re-raise the first error that happened in a handler thread, if any."""
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            raise errors[0]
-
-    def _error(self, exc: BaseException) -> None:
-        with self._lock:
-            self._errors.append(exc)
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        if exc_type is None:
-            self.check()

@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -31,7 +30,7 @@ from ..server.app import AppConfig, create_app
 from ..server.plane import ControlPlane, PlaneConfig
 from ..server.sqlite import SqliteStore
 from ..server.tasks import TaskLimits
-from ._base import Managed
+from ._base import RecordsErrors
 
 __all__ = ["HbsServer"]
 
@@ -41,7 +40,7 @@ _App = Callable[
 ]
 
 
-class HbsServer(Managed):
+class HbsServer(RecordsErrors):
     """hbs in-process on ``http://127.0.0.1:<port>``.
 
     Args:
@@ -62,6 +61,7 @@ class HbsServer(Managed):
         app: AppConfig | None = None,
         tick_s: float = 0.2,
     ) -> None:
+        super().__init__()
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._limits = limits or TaskLimits(max_in_flight=5, lease_s=30, retry_backoff_s=2)
@@ -69,7 +69,6 @@ class HbsServer(Managed):
         self.store: SqliteStore | None = None
         self.plane: ControlPlane | None = None
         self.port = 0
-        self._errors: list[BaseException] = []
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._client = httpx.Client(timeout=10, trust_env=False)
@@ -89,7 +88,7 @@ class HbsServer(Managed):
             try:
                 await app(scope, receive, send)
             except Exception as exc:
-                self._errors.append(exc)
+                self._error(exc)
                 raise
 
         return wrapped
@@ -137,21 +136,6 @@ class HbsServer(Managed):
             self.store.close()
             self.store = None
         self._client.close()
-
-    def check(self) -> None:
-        """Re-raise the first exception a request handler raised, if any."""
-        if self._errors:
-            raise self._errors[0]
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-        if exc_type is None:
-            self.check()
 
     # ---- the API, for tests --------------------------------------------------------------
 
