@@ -49,14 +49,15 @@ class Counter:
         assert hbs.plane is not None
         self.counts: dict[str, int] = {}
         self._lock = threading.Lock()
-        inner = hbs.plane.heartbeat_wire
+        inner = hbs.plane.answer
 
-        def counted(beat):  # type: ignore[no-untyped-def]
+        def counted(beats):  # type: ignore[no-untyped-def]
             with self._lock:
-                self.counts[beat.host] = self.counts.get(beat.host, 0) + 1
-            return inner(beat)
+                for beat in beats:
+                    self.counts[beat.host] = self.counts.get(beat.host, 0) + 1
+            return inner(beats)
 
-        hbs.plane.heartbeat_wire = counted  # type: ignore[method-assign]
+        hbs.plane.answer = counted  # type: ignore[method-assign]
 
     def get(self, host: str) -> int:
         with self._lock:

@@ -74,7 +74,7 @@ def seed(store: object, hosts: int, slots: int) -> None:
         limits=TaskLimits(max_in_flight=slots, lease_s=600, failure_limit=hosts),
         now=now,
     )
-    plane.publish(task)
+    plane.commands.publish(task)
 
 
 def measure(
@@ -314,7 +314,7 @@ def main() -> None:
             if args.stress:
                 variants.append(("sqlite-2000-slots", 2000))
         for label, slots in variants:
-            from selfupgrade.server.sqlite import SqliteStore
+            from selfupgrade.server.stores.sqlite import SqliteStore
 
             started = time.monotonic()
             path = tmp / f"{label}.db"
@@ -326,7 +326,7 @@ def main() -> None:
                 label, f"sqlite:{path}", args, tmp, slots=slots, nginx_port=nginx_port, redis=None
             )
         if args.store in ("redis", "both"):
-            from selfupgrade.server.redis import RedisStore
+            from selfupgrade.server.stores.redis import RedisStore
 
             with RedisServer() as redis:
                 assert redis.pid is not None

@@ -47,22 +47,23 @@ class Clock:
         self.order_sent: float | None = None
         self.new_beat: float | None = None
         self.changed = threading.Condition()
-        inner = hbs.plane.heartbeat_wire
+        inner = hbs.plane.answer
 
-        def watched(beat):  # type: ignore[no-untyped-def]
+        def watched(beats):  # type: ignore[no-untyped-def]
             now = time.monotonic()
-            answer = inner(beat)
+            replies = inner(beats)
             with self.changed:
-                if self.first_beat is None:
-                    self.first_beat = now
-                if answer is not None and self.order_sent is None:
-                    self.order_sent = time.monotonic()
-                if str(beat.version) == NEW and self.new_beat is None:
-                    self.new_beat = now
+                for beat, reply in zip(beats, replies, strict=True):
+                    if self.first_beat is None:
+                        self.first_beat = now
+                    if reply.task is not None and self.order_sent is None:
+                        self.order_sent = time.monotonic()
+                    if str(beat.version) == NEW and self.new_beat is None:
+                        self.new_beat = now
                 self.changed.notify_all()
-            return answer
+            return replies
 
-        hbs.plane.heartbeat_wire = watched  # type: ignore[method-assign]
+        hbs.plane.answer = watched  # type: ignore[method-assign]
 
     def wait(self, what: Callable[[], float | None], timeout_s: float, name: str) -> float:
         with self.changed:

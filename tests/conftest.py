@@ -74,7 +74,7 @@ def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Sto
         return MemoryStore()
     if kind == "sqlite":
         return SqliteStore(tmp_path / "hbs.db")
-    from selfupgrade.server.redis import RedisStore
+    from selfupgrade.server.stores.redis import RedisStore
 
     return RedisStore(request.getfixturevalue("redis_url"))
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import hashlib
 
-from selfupgrade import Artifact, Digest, Heartbeat, Release, Role, UpgradeState, parse_version
-from selfupgrade.server import Task, TaskLimits
+from selfupgrade import (
+    Artifact,
+    Digest,
+    Heartbeat,
+    Release,
+    Role,
+    UpgradeOrder,
+    UpgradeState,
+    parse_version,
+)
+from selfupgrade.server import ControlPlane, HostProgress, Store, Task, TaskLimits
 
 CFG = b'{"new": true}\n'
 
@@ -68,3 +77,13 @@ def beat(
         error=error,
         files=files,
     )
+
+
+def send(plane: ControlPlane, b: Heartbeat) -> UpgradeOrder | None:
+    """The order ``plane`` answers one heartbeat with (``None``: no order)."""
+    return plane.answer([b])[0].order
+
+
+def progress(store: Store, task_id: str, host: str) -> HostProgress | None:
+    """What ``store`` holds of ``host`` in the rollout."""
+    return store.read(task_id, [host])[0].progress

@@ -143,7 +143,7 @@ def test_rpc_heartbeats_need_the_token_when_configured() -> None:
     without, with_token = asyncio.run(main())
     assert without == {"code": 1, "Args": None}
     assert with_token == {"code": 0, "Args": None}
-    assert plane.versions() == {"a": "1.0"}
+    assert plane.views.versions() == {"a": "1.0"}
 
 
 # ---- real processes ------------------------------------------------------------------------

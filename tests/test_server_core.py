@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from selfupgrade.server import (
 from selfupgrade.server.tasks import HostProgress
 
 from .conftest import make_store
-from .server_helpers import CFG, beat, task
+from .server_helpers import CFG, beat, progress, send, task
 
 
 class Clock:
@@ -93,84 +94,85 @@ def test_config_only_task_is_done_by_digest() -> None:
 
 def test_admission_stops_at_the_limit_and_resumes_when_hosts_finish(store) -> None:  # type: ignore[no-untyped-def]
     plane = plane_with(store)
-    plane.publish(task(limit=2))
-    got = {h: plane.heartbeat(beat(h)) is not None for h in ("a", "b", "c")}
+    plane.commands.publish(task(limit=2))
+    got = {h: send(plane, beat(h)) is not None for h in ("a", "b", "c")}
     assert got == {"a": True, "b": True, "c": False}
-    assert plane.heartbeat(beat("a")) is not None  # idle but admitted: resent
-    plane.heartbeat(beat("a", "1.1"))  # a is done
-    assert plane.heartbeat(beat("c")) is not None
-    counters = store.counters("t1", 1000.0)
+    assert send(plane, beat("a")) is not None  # idle but admitted: resent
+    send(plane, beat("a", "1.1"))  # a is done
+    assert send(plane, beat("c")) is not None
+    counters = store.rollout("t1", 1000.0)
     assert (counters.in_flight, counters.done) == (2, 1)
 
 
 def test_a_lost_host_releases_only_its_own_slot(store) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     plane = plane_with(store, clock)
-    plane.publish(task(limit=2, lease_s=30, backoff_s=10))
-    assert plane.heartbeat(beat("lost"))
+    plane.commands.publish(task(limit=2, lease_s=30, backoff_s=10))
+    assert send(plane, beat("lost"))
     clock.now += 20
-    assert plane.heartbeat(beat("busy"))
+    assert send(plane, beat("busy"))
     clock.now += 11  # lost's lease is over; busy's is not
-    assert plane.heartbeat(beat("new")) is not None
-    assert plane.heartbeat(beat("other")) is None  # busy still holds its slot
-    lost = store.progress("t1", "lost")
+    assert send(plane, beat("new")) is not None
+    assert send(plane, beat("other")) is None  # busy still holds its slot
+    plane.tick()  # housekeeping fails the attempt whose lease ran out
+    lost = progress(store, "t1", "lost")
     assert lost.state == "backoff" and lost.attempts == 1 and "lease" in lost.reason
-    assert store.progress("t1", "busy").state == "admitted"
+    assert progress(store, "t1", "busy").state == "admitted"
 
 
 def test_failures_back_off_then_give_up(store) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     plane = plane_with(store, clock)
-    plane.publish(task(limit=1, attempts=2, backoff_s=10))
-    assert plane.heartbeat(beat("h"))
-    plane.heartbeat(beat("h", state=S.FAILED, task_id="t1", failures=1, error="md5 mismatch"))
-    p = store.progress("t1", "h")
+    plane.commands.publish(task(limit=1, attempts=2, backoff_s=10))
+    assert send(plane, beat("h"))
+    send(plane, beat("h", state=S.FAILED, task_id="t1", failures=1, error="md5 mismatch"))
+    p = progress(store, "t1", "h")
     assert (p.state, p.attempts, p.next_try_at, p.reason) == ("backoff", 1, 1010.0, "md5 mismatch")
-    assert plane.heartbeat(beat("h", state=S.FAILED, task_id="t1", failures=1)) is None
+    assert send(plane, beat("h", state=S.FAILED, task_id="t1", failures=1)) is None
     clock.now += 10
-    assert plane.heartbeat(beat("h", state=S.FAILED, task_id="t1", failures=1))
-    plane.heartbeat(beat("h", state=S.FAILED, task_id="t1", failures=2))
-    assert store.progress("t1", "h").state == "failed"
+    assert send(plane, beat("h", state=S.FAILED, task_id="t1", failures=1))
+    send(plane, beat("h", state=S.FAILED, task_id="t1", failures=2))
+    assert progress(store, "t1", "h").state == "failed"
     clock.now += 1000
-    assert plane.heartbeat(beat("h")) is None
-    c = store.counters("t1", clock.now)
+    assert send(plane, beat("h")) is None
+    c = store.rollout("t1", clock.now)
     assert (c.failed, c.failures, c.in_flight) == (1, 2, 0)
 
 
 def test_the_task_halts_at_the_failure_limit(store) -> None:  # type: ignore[no-untyped-def]
     plane = plane_with(store)
-    plane.publish(task(limit=5, failure_limit=2))
+    plane.commands.publish(task(limit=5, failure_limit=2))
     for h in ("a", "b", "c"):
-        assert plane.heartbeat(beat(h))
+        assert send(plane, beat(h))
     for h in ("a", "b"):
-        plane.heartbeat(beat(h, state=S.FAILED, task_id="t1", failures=1))
-    c = store.counters("t1", 1000.0)
+        send(plane, beat(h, state=S.FAILED, task_id="t1", failures=1))
+    c = store.rollout("t1", 1000.0)
     assert c.status == "halted"
     assert "exceeded its failure budget: 2 failed attempt(s), 1 allowed" in c.halt_reason
-    assert plane.heartbeat(beat("d")) is None
-    assert plane.heartbeat(beat("c")) is None  # no resend after a halt
-    plane.heartbeat(beat("c", "1.1"))
-    assert store.counters("t1", 1000.0).done == 1  # hosts already on their way may finish
+    assert send(plane, beat("d")) is None
+    assert send(plane, beat("c")) is None  # no resend after a halt
+    send(plane, beat("c", "1.1"))
+    assert store.rollout("t1", 1000.0).done == 1  # hosts already on their way may finish
 
 
 def test_cancel_frees_every_slot(store) -> None:  # type: ignore[no-untyped-def]
     plane = plane_with(store)
-    plane.publish(task(limit=3))
+    plane.commands.publish(task(limit=3))
     for h in "abc":
-        plane.heartbeat(beat(h))
-    assert plane.cancel() is not None
-    assert store.active_task() is None
-    assert store.counters("t1", 1000.0).in_flight == 0
-    assert plane.heartbeat(beat("d")) is None
+        send(plane, beat(h))
+    assert plane.commands.cancel() is not None
+    assert store.active_id() is None
+    assert store.rollout("t1", 1000.0).in_flight == 0
+    assert send(plane, beat("d")) is None
 
 
 def test_publishing_a_new_task_cancels_the_old(store) -> None:  # type: ignore[no-untyped-def]
     plane = plane_with(store)
-    plane.publish(task(limit=1))
-    plane.heartbeat(beat("a"))
-    plane.publish(task("1.2", limit=1, task_id="t2"))
-    assert store.counters("t1", 1000.0).status == "cancelled"
-    assert plane.heartbeat(beat("b")) is not None  # t1's slot no longer counts
+    plane.commands.publish(task(limit=1))
+    send(plane, beat("a"))
+    plane.commands.publish(task("1.2", limit=1, task_id="t2"))
+    assert store.rollout("t1", 1000.0).status == "cancelled"
+    assert send(plane, beat("b")) is not None  # t1's slot no longer counts
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
@@ -180,7 +182,7 @@ def test_admission_is_atomic_under_concurrent_heartbeats(
     store = make_store(kind, tmp_path, request)
     plane = plane_with(store)
     limit = 7
-    plane.publish(task(limit=limit, lease_s=1e9))
+    plane.commands.publish(task(limit=limit, lease_s=1e9))
     stop = threading.Event()
     peak = 0
 
@@ -195,9 +197,9 @@ def test_admission_is_atomic_under_concurrent_heartbeats(
         for _ in range(400):
             h = f"h{rng.randrange(200)}"
             if rng.random() < 0.2:
-                plane.heartbeat(beat(h, "1.1"))  # finishes, frees a slot
+                send(plane, beat(h, "1.1"))  # finishes, frees a slot
             else:
-                plane.heartbeat(beat(h, state=rng.choice([S.IDLE, S.DOWNLOADING])))
+                send(plane, beat(h, state=rng.choice([S.IDLE, S.DOWNLOADING])))
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -208,7 +210,7 @@ def test_admission_is_atomic_under_concurrent_heartbeats(
         w.join()
     stop.set()
     sampler.join()
-    final = store.counters("t1", 1000.0)
+    final = store.rollout("t1", 1000.0)
     store.close()
     assert 0 < peak <= limit
     assert final.in_flight <= limit
@@ -219,24 +221,24 @@ def test_sqlite_store_survives_a_restart(tmp_path: Path) -> None:
     clock = Clock()
     store = SqliteStore(tmp_path / "hbs.db")
     plane = plane_with(store, clock)
-    plane.publish(task(limit=2, attempts=3))
-    plane.heartbeat(beat("a"))
-    plane.heartbeat(beat("b"))
-    plane.heartbeat(beat("b", state=S.FAILED, task_id="t1", failures=1))
-    plane.heartbeat(beat("c", "1.1"))
-    plane.flush()
+    plane.commands.publish(task(limit=2, attempts=3))
+    send(plane, beat("a"))
+    send(plane, beat("b"))
+    send(plane, beat("b", state=S.FAILED, task_id="t1", failures=1))
+    send(plane, beat("c", "1.1"))
+    plane.fleet.flush()
     store.close()
 
     again = SqliteStore(tmp_path / "hbs.db")
     plane2 = plane_with(again, clock)
-    assert again.active_task() == task(limit=2, attempts=3)
-    assert again.progress("t1", "a").state == "admitted"
-    assert again.progress("t1", "b").state == "backoff"
-    c = again.counters("t1", clock.now)
+    assert again.task(again.active_id() or "") == task(limit=2, attempts=3)
+    assert progress(again, "t1", "a").state == "admitted"
+    assert progress(again, "t1", "b").state == "backoff"
+    c = again.rollout("t1", clock.now)
     assert (c.in_flight, c.done, c.failures) == (1, 1, 1)
-    assert plane2.versions() == {"a": "1.0", "b": "1.0", "c": "1.1"}
-    assert plane2.heartbeat(beat("d")) is not None
-    assert plane2.heartbeat(beat("e")) is None  # a and d hold the two slots
+    assert plane2.views.versions() == {"a": "1.0", "b": "1.0", "c": "1.1"}
+    assert send(plane2, beat("d")) is not None
+    assert send(plane2, beat("e")) is None  # a and d hold the two slots
     again.close()
 
 
@@ -250,12 +252,12 @@ def test_one_sqlite_file_serves_one_process(tmp_path: Path) -> None:
 
 def test_a_failing_store_fails_closed(tmp_path: Path) -> None:
     class Broken(MemoryStore):
-        def apply(self, *a, **k):  # type: ignore[no-untyped-def]
+        def commit(self, *a, **k):  # type: ignore[no-untyped-def]
             raise StoreError("redis is down")
 
     plane = plane_with(Broken())
-    plane.publish(task())
-    assert plane.heartbeat(beat("a")) is None
+    plane.commands.publish(task())
+    assert send(plane, beat("a")) is None
 
 
 @pytest.mark.parametrize(
@@ -297,8 +299,10 @@ class RecordingStore(MemoryStore):
         self.clock = clock
         self.writes: list[tuple[float, str]] = []
 
-    def _persist_hosts(self, seen) -> None:  # type: ignore[no-untyped-def]
-        self.writes.extend((self.clock.now, s.host) for s in seen)
+    def save_hosts(self, seen) -> None:  # type: ignore[no-untyped-def]
+        batch = list(seen)
+        self.writes.extend((self.clock.now, s.host) for s in batch)
+        super().save_hosts(batch)
 
 
 def test_unchanged_heartbeats_are_written_once_per_seen_save_s_spread_over_it() -> None:
@@ -310,8 +314,8 @@ def test_unchanged_heartbeats_are_written_once_per_seen_save_s_spread_over_it() 
     for second in range(30 * 60):  # 30 minutes; each host beats once a minute, at its second
         clock.now = start + second
         for host in hosts[second % 60 :: 60]:
-            plane.heartbeat(beat(host))
-        plane.flush()
+            send(plane, beat(host))
+        plane.fleet.flush()
     per_host = {h: 0 for h in hosts}
     per_minute: dict[int, int] = {}
     for at, host in store.writes:
@@ -324,8 +328,8 @@ def test_unchanged_heartbeats_are_written_once_per_seen_save_s_spread_over_it() 
     assert max(n for minute, n in per_minute.items() if minute) < 700, per_minute
     # news is written at the next flush, whatever the period
     clock.now += 1
-    plane.heartbeat(beat("h0001", "1.1"))
-    plane.flush()
+    send(plane, beat("h0001", "1.1"))
+    plane.fleet.flush()
     assert store.writes[-1] == (clock.now, "h0001")
 
 
@@ -335,16 +339,21 @@ def test_a_rollouts_members_are_stored_before_it_is_published(tmp_path: Path) ->
     clock = Clock()
     store = SqliteStore(tmp_path / "hbs.db")
     members = {f"h{i:05d}": 0 for i in range(25_000)}
-    store._persist_members("orphan", {"x": 0, "y": 1})  # as if hbs died before publishing
     t = task(limit=2, attempts=3)
-    store.publish(t, members)
-    plane_with(store, clock).heartbeat(beat("h00007"))
+    plane = plane_with(store, clock)
+    plane.commands.publish(t, members)
+    send(plane, beat("h00007"))
     store.close()
+    # as if hbs had died between a rollout's members and its row
+    with sqlite3.connect(tmp_path / "hbs.db") as db:
+        db.executemany(
+            "INSERT INTO members (task_id, host, wave) VALUES ('orphan', ?, 0)", [("x",), ("y",)]
+        )
 
     again = SqliteStore(tmp_path / "hbs.db")
-    assert again.active_task() == t
+    assert again.task(again.active_id() or "") == t
     assert again.members(t.id) == members
-    assert again.progress(t.id, "h00007").state == "admitted"
+    assert progress(again, t.id, "h00007").state == "admitted"
     rows = again._db.execute("SELECT COUNT(*) FROM members WHERE task_id = 'orphan'").fetchone()
     assert rows == (0,)
     again.close()

@@ -16,7 +16,7 @@ from selfupgrade.server.plan import Plan, Window, assign_waves
 from selfupgrade.server.rollouts import rollout_from_json
 from selfupgrade.server.tasks import Task, TaskLimits
 
-from .server_helpers import beat, task
+from .server_helpers import beat, send, task
 
 THREE_WAVES = {
     "waves": [
@@ -48,14 +48,14 @@ def rollout(plan: dict, version: str = "1.1", **limits) -> Task:  # type: ignore
 def fleet_plane(store, clock: Clock, labels=None) -> ControlPlane:  # type: ignore[no-untyped-def]
     plane = ControlPlane(store, PlaneConfig(task_cache_s=0), clock=clock)
     for h in HOSTS:
-        plane.heartbeat(
-            Heartbeat(host=h, version=parse_version("1.0"), labels=(labels or {}).get(h, {}))
+        send(
+            plane, Heartbeat(host=h, version=parse_version("1.0"), labels=(labels or {}).get(h, {}))
         )
     return plane
 
 
 def admitted_now(plane: ControlPlane, hosts=HOSTS) -> set[str]:  # type: ignore[no-untyped-def]
-    return {h for h in hosts if plane.heartbeat(beat(h)) is not None}
+    return {h for h in hosts if send(plane, beat(h)) is not None}
 
 
 # ---- plans ------------------------------------------------------------------------------
@@ -144,13 +144,13 @@ def test_maintenance_window() -> None:
 
 def confirm(plane: ControlPlane, hosts) -> None:  # type: ignore[no-untyped-def]
     for h in hosts:
-        plane.heartbeat(beat(h, "1.1"))
+        send(plane, beat(h, "1.1"))
 
 
 def test_waves_are_promoted_only_after_confirmation_and_bake(store) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     plane = fleet_plane(store, clock)
-    r = plane.publish(rollout(THREE_WAVES))
+    r = plane.commands.publish(rollout(THREE_WAVES))
     members = store.members(r.id)
     by_wave = {k: sorted(h for h, w in members.items() if w == k) for k in range(3)}
     assert [len(by_wave[k]) for k in range(3)] == [1, 4, 15]
@@ -160,7 +160,7 @@ def test_waves_are_promoted_only_after_confirmation_and_bake(store) -> None:  # 
     waiting = [h for h in HOSTS if h not in by_wave[0]]
     plane.tick()
     assert admitted_now(plane, waiting) == set()  # the canary has not confirmed yet
-    plane.heartbeat(beat(by_wave[0][0], "1.1", UpgradeState.CONFIRMING, confirmed=False))
+    send(plane, beat(by_wave[0][0], "1.1", UpgradeState.CONFIRMING, confirmed=False))
     plane.tick()
     assert admitted_now(plane, waiting) == set()  # on trial is not confirmed
     confirm(plane, by_wave[0])
@@ -183,7 +183,7 @@ def test_waves_are_promoted_only_after_confirmation_and_bake(store) -> None:  # 
     confirm(plane, by_wave[2])
     plane.tick()
     plane.tick()
-    c = store.counters(r.id, clock.now)
+    c = store.rollout(r.id, clock.now)
     assert c.status == "complete" and c.done == 20
     assert [w.done for w in c.waves] == [1, 4, 15]
 
@@ -191,9 +191,10 @@ def test_waves_are_promoted_only_after_confirmation_and_bake(store) -> None:  # 
 def test_a_failed_canary_halts_the_rollout(store) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     plane = fleet_plane(store, clock)
-    r = plane.publish(rollout(THREE_WAVES))
+    r = plane.commands.publish(rollout(THREE_WAVES))
     canary = admitted_now(plane).pop()
-    plane.heartbeat(
+    send(
+        plane,
         beat(
             canary,
             "1.0",
@@ -201,9 +202,9 @@ def test_a_failed_canary_halts_the_rollout(store) -> None:  # type: ignore[no-un
             failed_version="1.1",
             failures=1,
             error="1.1 crashed at start",
-        )
+        ),
     )
-    c = store.counters(r.id, clock.now)
+    c = store.rollout(r.id, clock.now)
     assert c.status == "halted"
     assert (
         "wave 1 (canary) exceeded its failure budget: 1 failed attempt(s), 0 allowed"
@@ -214,7 +215,7 @@ def test_a_failed_canary_halts_the_rollout(store) -> None:  # type: ignore[no-un
     plane.tick()
     assert admitted_now(plane) == set()
     assert {p.host for p in store.all_progress(r.id)} == {canary}  # nobody else was touched
-    assert store.counters(r.id, clock.now).wave == 0
+    assert store.rollout(r.id, clock.now).wave == 0
 
 
 def test_the_budget_of_a_later_wave(store) -> None:  # type: ignore[no-untyped-def]
@@ -226,17 +227,17 @@ def test_the_budget_of_a_later_wave(store) -> None:  # type: ignore[no-untyped-d
         ]
     }
     plane = fleet_plane(store, clock)
-    r = plane.publish(rollout(plan, max_attempts=1))
+    r = plane.commands.publish(rollout(plan, max_attempts=1))
     canary = admitted_now(plane).pop()
-    plane.heartbeat(beat(canary, state=UpgradeState.FAILED, task_id="r1", failures=1))
+    send(plane, beat(canary, state=UpgradeState.FAILED, task_id="r1", failures=1))
     plane.tick()
     plane.tick()  # one failure is within the canary's budget; the wave settled: promoted
-    assert store.counters(r.id, clock.now).wave == 1
+    assert store.rollout(r.id, clock.now).wave == 1
     batch = admitted_now(plane, [h for h in HOSTS if h != canary])
     assert len(batch) == 4
     for h in sorted(batch)[:2]:
-        plane.heartbeat(beat(h, state=UpgradeState.FAILED, task_id="r1", failures=1))
-    c = store.counters(r.id, clock.now)
+        send(plane, beat(h, state=UpgradeState.FAILED, task_id="r1", failures=1))
+    c = store.rollout(r.id, clock.now)
     assert (
         c.status == "halted" and "wave 2 (rest)" in c.halt_reason and "1 allowed" in c.halt_reason
     )
@@ -245,28 +246,28 @@ def test_the_budget_of_a_later_wave(store) -> None:  # type: ignore[no-untyped-d
 def test_pause_then_resume_continues(store) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     plane = fleet_plane(store, clock)
-    r = plane.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 3}]}))
+    r = plane.commands.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 3}]}))
     first = admitted_now(plane)
-    assert plane.control(r.id, "pause")
-    assert not plane.control(r.id, "pause")  # already paused
+    assert plane.commands.control(r.id, "pause")
+    assert not plane.commands.control(r.id, "pause")  # already paused
     confirm(plane, first)
     rest = [h for h in HOSTS if h not in first]
     assert admitted_now(plane, rest) == set()
-    assert plane.control(r.id, "resume")
+    assert plane.commands.control(r.id, "resume")
     assert len(admitted_now(plane, rest)) == 3
-    assert store.counters(r.id, clock.now).done == 3
+    assert store.rollout(r.id, clock.now).done == 3
 
 
 def test_abort_frees_slots_and_admits_nobody(store) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     plane = fleet_plane(store, clock)
-    r = plane.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 3}]}))
+    r = plane.commands.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 3}]}))
     admitted_now(plane)
-    assert plane.control(r.id, "abort", "bad idea")
-    c = store.counters(r.id, clock.now)
+    assert plane.commands.control(r.id, "abort", "bad idea")
+    c = store.rollout(r.id, clock.now)
     assert (c.status, c.in_flight, c.halt_reason) == ("aborted", 0, "bad idea")
     assert admitted_now(plane) == set()
-    assert not plane.control(r.id, "resume")
+    assert not plane.commands.control(r.id, "resume")
 
 
 def test_a_closed_window_admits_nobody(store) -> None:  # type: ignore[no-untyped-def]
@@ -276,10 +277,10 @@ def test_a_closed_window_admits_nobody(store) -> None:  # type: ignore[no-untype
         "waves": [{"percent": 100, "max_in_flight": 5}],
         "window": {"days": ["sat", "sun"], "start": "02:00", "end": "05:00", "tz": "Asia/Shanghai"},
     }
-    plane.publish(rollout(closed))
+    plane.commands.publish(rollout(closed))
     assert admitted_now(plane) == set()
     opened = {**closed, "window": {**closed["window"], "days": ["wed"]}}
-    plane.publish(rollout(opened, "1.2"))
+    plane.commands.publish(rollout(opened, "1.2"))
     assert len(admitted_now(plane)) == 5
 
 
@@ -287,21 +288,21 @@ def test_targeting_by_labels_and_late_joiners(store) -> None:  # type: ignore[no
     clock = Clock()
     labels = {h: {"dc": "bj" if i % 2 else "sh"} for i, h in enumerate(HOSTS)}
     plane = fleet_plane(store, clock, labels)
-    r = plane.publish(
+    r = plane.commands.publish(
         rollout({"waves": [{"percent": 100, "max_in_flight": 20}], "selector": {"dc": "bj"}})
     )
     assert set(store.members(r.id)) == {h for h in HOSTS if labels[h]["dc"] == "bj"}
     got = {
         h
         for h in HOSTS
-        if plane.heartbeat(Heartbeat(host=h, version=parse_version("1.0"), labels=labels[h]))
+        if send(plane, Heartbeat(host=h, version=parse_version("1.0"), labels=labels[h]))
         is not None
     }
     assert got == set(store.members(r.id))
     late = Heartbeat(host="new-bj", version=parse_version("1.0"), labels={"dc": "bj"})
-    assert plane.heartbeat(late) is not None
+    assert send(plane, late) is not None
     assert (
-        plane.heartbeat(Heartbeat(host="new-sh", version=parse_version("1.0"), labels={"dc": "sh"}))
+        send(plane, Heartbeat(host="new-sh", version=parse_version("1.0"), labels={"dc": "sh"}))
         is None
     )
 
@@ -309,28 +310,28 @@ def test_targeting_by_labels_and_late_joiners(store) -> None:  # type: ignore[no
 def test_fleet_rollback_targets_upgraded_hosts_and_bad_versions_are_refused(store) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     plane = fleet_plane(store, clock)
-    r = plane.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 4}]}))
+    r = plane.commands.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 4}]}))
     upgraded = admitted_now(plane)
     confirm(plane, upgraded)
-    back = plane.rollback(r.id, mark_bad=True)
-    assert store.counters(r.id, clock.now).status == "aborted"
+    back = plane.commands.rollback(r.id, mark_bad=True)
+    assert store.rollout(r.id, clock.now).status == "aborted"
     assert back.kind == "rollback" and str(back.version) == "1.0"
     assert set(store.members(back.id)) == upgraded
-    order = plane.heartbeat(beat(sorted(upgraded)[0], "1.1"))
+    order = send(plane, beat(sorted(upgraded)[0], "1.1"))
     assert order is not None and order.rollback and order.release.artifacts == ()
-    assert plane.heartbeat(beat("h19" if "h19" not in upgraded else "h18", "1.0")) is None
+    assert send(plane, beat("h19" if "h19" not in upgraded else "h18", "1.0")) is None
     with pytest.raises(FieldError, match="marked bad"):
-        plane.publish(rollout({"waves": [{"percent": 100}]}))
+        plane.commands.publish(rollout({"waves": [{"percent": 100}]}))
     for h in upgraded:
-        plane.heartbeat(beat(h, "1.0"))
-    assert store.counters(back.id, clock.now).done == len(upgraded)
+        send(plane, beat(h, "1.0"))
+    assert store.rollout(back.id, clock.now).done == len(upgraded)
 
 
 def test_a_restarted_plane_keeps_waves_and_members(tmp_path: Path) -> None:
     clock = Clock()
     store = SqliteStore(tmp_path / "hbs.db")
     plane = fleet_plane(store, clock)
-    r = plane.publish(rollout(THREE_WAVES))
+    r = plane.commands.publish(rollout(THREE_WAVES))
     canary = admitted_now(plane)
     confirm(plane, canary)
     plane.tick()
@@ -341,7 +342,7 @@ def test_a_restarted_plane_keeps_waves_and_members(tmp_path: Path) -> None:
     again = SqliteStore(tmp_path / "hbs.db")
     plane2 = ControlPlane(again, PlaneConfig(task_cache_s=0), clock=clock)
     assert again.members(r.id) == members
-    c = again.counters(r.id, clock.now)
+    c = again.rollout(r.id, clock.now)
     assert (c.wave, c.done, c.status) == (1, 1, "active")
     assert len(admitted_now(plane2)) == 2
     again.close()
@@ -389,8 +390,10 @@ def test_rollout_requests_are_validated() -> None:
 def test_a_staged_rollout_needs_known_hosts() -> None:
     plane = ControlPlane(MemoryStore(), PlaneConfig(task_cache_s=0), clock=Clock())
     with pytest.raises(FieldError, match="no host that matches the plan has sent a heartbeat"):
-        plane.publish(rollout(THREE_WAVES))
-    plane.publish(rollout({"waves": [{"percent": 100}]}))  # one wave: hosts join as they come
+        plane.commands.publish(rollout(THREE_WAVES))
+    plane.commands.publish(
+        rollout({"waves": [{"percent": 100}]})
+    )  # one wave: hosts join as they come
 
 
 def test_heartbeats_are_answered_while_a_rollout_is_being_published(tmp_path: Path) -> None:
@@ -408,14 +411,14 @@ def test_heartbeats_are_answered_while_a_rollout_is_being_published(tmp_path: Pa
             assert client.post(hbs.heartbeat_url, json=wire(host)).json() == {"order": None}
         assert hbs.store is not None
         storing, answered = threading.Event(), threading.Event()
-        write_members = hbs.store._persist_members
+        write = hbs.store.publish
 
-        def slow_members(task_id: str, members: dict[str, int]) -> None:
+        def slow_publish(task, members, counters) -> None:  # type: ignore[no-untyped-def]
             storing.set()
             answered.wait(timeout=30)  # held until the heartbeat below was answered
-            write_members(task_id, members)
+            write(task, members, counters)
 
-        hbs.store._persist_members = slow_members  # type: ignore[method-assign]
+        hbs.store.publish = slow_publish  # type: ignore[method-assign]
         body = {"wgeturl": "http://127.0.0.1:9/f", "version": "1.1", "binfile_md5": "0" * 32}
         publishing = threading.Thread(target=hbs.publish, args=(body,))
         publishing.start()

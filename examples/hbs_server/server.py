@@ -20,8 +20,9 @@ from typing import Any
 
 import uvicorn
 
-from selfupgrade.server import ControlPlane, PlaneConfig, SqliteStore, Store, TaskLimits
+from selfupgrade.server import ControlPlane, PlaneConfig, StoreError, TaskLimits, open_store
 from selfupgrade.server.app import AppConfig, create_app
+from selfupgrade.server.batch import HeartbeatBatcher
 from selfupgrade.server.falcon_rpc import serve_falcon_rpc
 from selfupgrade.server.http_limits import BoundedHttpToolsProtocol
 
@@ -156,20 +157,12 @@ def _tls(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[Path, Path] | N
     return (cert, key) if cert is not None and key is not None else None
 
 
-def open_store(url: str) -> Store:
-    """``sqlite:PATH`` or ``redis://...``."""
-    if url.startswith("sqlite:"):
-        return SqliteStore(url[len("sqlite:") :].removeprefix("//"))
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from selfupgrade.server.redis import RedisStore
-
-        return RedisStore(url)
-    raise SystemExit(f"hbs: store must be sqlite:PATH or redis://HOST:PORT/DB, got {url!r}")
-
-
 async def serve(cfg: Config) -> None:
     """Run the HTTP API and the RPC listener until SIGINT/SIGTERM."""
-    store = open_store(cfg.store)
+    try:
+        store = open_store(cfg.store)
+    except (ValueError, StoreError) as exc:
+        raise SystemExit(f"hbs: {exc}") from None
     # With Redis, a refused admission spares the next 0.2 s of heartbeats the round trip.
     remote = not cfg.store.startswith("sqlite:")
     plane = ControlPlane(
@@ -181,16 +174,21 @@ async def serve(cfg: Config) -> None:
     gc.collect()
     gc.freeze()
     needs_token = bool(cfg.app.agent_token or cfg.app.agent_tokens)
+    # One batcher for both ports: heartbeats from HTTP and JSON-RPC agents share batches.
+    beats = HeartbeatBatcher(plane.answer)
     rpc = (
         await serve_falcon_rpc(
-            plane, *cfg.rpc, token_for=cfg.app.agent_token_for if needs_token else None
+            plane,
+            *cfg.rpc,
+            token_for=cfg.app.agent_token_for if needs_token else None,
+            batcher=beats,
         )
         if cfg.rpc
         else None
     )
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(plane, cfg.app),
+            create_app(plane, cfg.app, batcher=beats),
             host=cfg.http[0],
             port=cfg.http[1],
             http=BoundedHttpToolsProtocol,
@@ -218,7 +216,8 @@ async def serve(cfg: Config) -> None:
         if rpc is not None:
             rpc.close()
             await rpc.wait_closed()
-        plane.flush()
+        beats.close()
+        plane.fleet.flush()
         store.close()
         log.info("hbs stopped")
 

@@ -1,44 +1,56 @@
-"""The control plane (hbs): tasks, admission with per-host leases, stores, the HTTP API.
+"""The control plane (hbs): rollouts, admission with per-host leases, stores, the HTTP API.
 
-The pure core (:mod:`~selfupgrade.server.core`) decides what a heartbeat means; a store
-(:class:`SqliteStore`, :class:`RedisStore` with the ``redis`` extra, :class:`MemoryStore`)
-carries it out atomically; :class:`ControlPlane` ties them together for every front end:
-the ASGI app (:func:`selfupgrade.server.app.create_app`, ``server`` extra) and the falcon
-JSON-RPC listener (:mod:`selfupgrade.server.falcon_rpc`).
+Every rollout rule lives in the rulebook (:mod:`~selfupgrade.server.rules`, pure); a store
+(:mod:`~selfupgrade.server.stores`: memory, SQLite, Redis with the ``redis`` extra) keeps state
+and commits what a rule decided, guarded by what it assumed; :class:`ControlPlane` ties them
+together for every front end: the ASGI app (:func:`selfupgrade.server.app.create_app`,
+``server`` extra), the falcon JSON-RPC listener (:mod:`selfupgrade.server.falcon_rpc`) and the
+fleet simulator. ``docs/architecture.md`` draws the layers.
 
 Nothing here is imported by the agent side.
 """
 
-from .core import Action, Decision, decide
-from .memory import MemoryStore
-from .plane import ControlPlane, PlaneConfig
-from .sqlite import SqliteStore
-from .store import Store, StoreError
+from .effects import Commit, Guard, HostWrite, Outcome
+from .plane import ControlPlane, PlaneConfig, Reply
+from .rules import Action, Decision, decide
+from .stores import MemoryStore, SqliteStore, Store, StoreError, open_store
 from .tasks import (
     FieldError,
     HostProgress,
+    HostRead,
     HostSeen,
+    HostState,
+    RolloutState,
+    Status,
     Task,
-    TaskCounters,
     TaskLimits,
     task_from_seed,
 )
 
 __all__ = [
     "Action",
+    "Commit",
     "ControlPlane",
     "Decision",
     "FieldError",
+    "Guard",
     "HostProgress",
+    "HostRead",
     "HostSeen",
+    "HostState",
+    "HostWrite",
     "MemoryStore",
+    "Outcome",
     "PlaneConfig",
+    "Reply",
+    "RolloutState",
     "SqliteStore",
+    "Status",
     "Store",
     "StoreError",
     "Task",
-    "TaskCounters",
     "TaskLimits",
     "decide",
+    "open_store",
     "task_from_seed",
 ]

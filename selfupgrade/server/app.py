@@ -17,7 +17,7 @@ Routes:
 ``/selfupgrade/v1/openapi.json``  GET  the OpenAPI description of these routes
 ``/metrics``                GET     Prometheus metrics
 ``/``                       GET     the dashboard
-``/health``                 GET     ``ok``
+``/health``                 GET     ``ok``, or 503 naming what does not answer (within 1 s)
 =========================  ======  ===========================================================
 
 Admin routes answer only callers on a loopback address (127.0.0.0/8 or ::1) that came without
@@ -37,7 +37,8 @@ import hmac
 import ipaddress
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -52,12 +53,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "selfupgrade.server.app needs the 'server' extra: pip install 'selfupgrade[server]'"
     ) from exc
 
-from ..models import Heartbeat, parse_version
+from ..models import Heartbeat
+from .batch import HeartbeatBatcher
+from .commands import NoSuchRollout
 from .dashboard import DASHBOARD_HTML
 from .metrics import METRICS_CONTENT_TYPE, render_metrics
 from .openapi import OPENAPI
-from .plane import ControlPlane
-from .rollouts import release_from_json, rollout_from_json
+from .plane import ControlPlane, Reply
+from .rollouts import release_from_json
+from .stores.base import StoreError
 from .tasks import FieldError, seed_args
 
 __all__ = ["AppConfig", "bearer_scope", "create_app", "token_matches"]
@@ -89,6 +93,9 @@ class AppConfig:
         tick_s: how often the plane's housekeeping runs (flush heartbeats, expire leases).
         noop_route: serve ``POST /selfupgrade/v1/noop``, which reads a body and answers
             ``{"order": null}`` without looking at it: the reference for benchmarks.
+        health_deadline_s: ``/health`` answers within this long, saying whether the store
+            answered.
+        view_deadline_s: the longest a view or a command waits for the store.
     """
 
     admin_token: str = ""
@@ -100,6 +107,8 @@ class AppConfig:
     max_body_bytes: int = 64 * 1024
     tick_s: float = 1.0
     noop_route: bool = False
+    health_deadline_s: float = 0.8
+    view_deadline_s: float = 30.0
 
     def scopes(self) -> dict[str, str]:
         """Every bearer token and its scope."""
@@ -150,16 +159,36 @@ def _success(data: Any) -> JSONResponse:
     return JSONResponse({"msg": "success", "data": data})
 
 
-async def _off_loop(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    """Run ``fn(*args)`` on a worker thread. Everything that grows with the fleet (publishing
-    a rollout of 600,000 members, the fleet view, a rollout's detail) runs there, so that the
-    event loop goes on answering heartbeats meanwhile."""
-    return await asyncio.to_thread(fn, *args, **kwargs)
+def create_app(
+    plane: ControlPlane,
+    config: AppConfig | None = None,
+    *,
+    batcher: HeartbeatBatcher | None = None,
+) -> Starlette:
+    """The hbs ASGI app over ``plane``.
 
-
-def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlette:
-    """The hbs ASGI app over ``plane``."""
+    Args:
+        batcher: how heartbeats reach the plane (shared with a falcon JSON-RPC listener);
+            by default one of its own.
+    """
     cfg = config or AppConfig()
+    # plane.answer is looked up at each call, so that a test or a benchmark may wrap it.
+    beats = batcher or HeartbeatBatcher(lambda batch: plane.answer(batch))
+
+    async def _off_loop(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run ``fn(*args)`` on a worker thread, within the view deadline. Every store call
+        of a view or a command runs there, so that the event loop goes on answering
+        meanwhile, whatever the store does."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(fn, *args, **kwargs), cfg.view_deadline_s
+            )
+        except asyncio.TimeoutError:
+            raise _HttpError(
+                503, f"the store did not answer within {cfg.view_deadline_s:g} s"
+            ) from None
+
+    health_pool = ThreadPoolExecutor(2, thread_name_prefix="hbs-health")
 
     async def read_json(request: Request) -> Any:
         length = request.headers.get("content-length")
@@ -194,7 +223,7 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
         if cfg.protect_reads and scopes and bearer_scope(header, scopes) is None:
             raise _HttpError(401, "a valid 'Authorization: Bearer <token>' is required")
 
-    def heartbeat(body: bytes, authorization: bytes) -> bytes:
+    async def heartbeat(body: bytes, authorization: bytes) -> bytes:
         try:
             data = json.loads(body)
         except ValueError:
@@ -208,9 +237,9 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
             expected and not token_matches(authorization.decode("latin-1"), expected)
         ):
             raise _HttpError(401, f"heartbeats of {beat.host} need their agent token")
-        return orders.encode(plane.heartbeat_wire(beat))
+        return orders.encode(await beats.answer(beat))
 
-    def noop(body: bytes, authorization: bytes) -> bytes:
+    async def noop(body: bytes, authorization: bytes) -> bytes:
         try:
             json.loads(body)
         except ValueError:
@@ -227,13 +256,13 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
             require_admin(request)
             body = await read_json(request)
             try:
-                task = await _off_loop(plane.publish_seed, body)
+                task = await _off_loop(plane.commands.publish_seed, body)
             except FieldError as exc:
                 raise _HttpError(400, str(exc), exc.field) from None
             return _success({**(task.seed_view() or {}), "task_id": task.id})
         if request.method == "DELETE":
             require_admin(request)
-            cancelled = await _off_loop(plane.cancel)
+            cancelled = await _off_loop(plane.commands.cancel)
             return _success(
                 f"upgrade {cancelled.id} cancelled" if cancelled else "no upgrade to cancel"
             )
@@ -241,38 +270,52 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
 
     async def nowargs(request: Request) -> Response:
         require_read(request)
-        task = plane.active_task()
-        view = task.seed_view() if task is not None else None
+        active = await _off_loop(plane.views.active)
+        view = active[0].seed_view() if active is not None else None
         return _success(view or seed_args(0, "", "", "", ""))
 
     async def agentversions(request: Request) -> Response:
         require_read(request)
-        return await _off_loop(lambda: _success(plane.versions()))
+        return _success(await _off_loop(plane.views.versions))
 
     async def agents(request: Request) -> Response:
         require_read(request)
-        return await _off_loop(lambda: _success(sorted(plane.versions())))
+        return _success(sorted(await _off_loop(plane.views.versions)))
 
     async def status(request: Request) -> Response:
         require_read(request)
-        return await _off_loop(lambda: JSONResponse(plane.status()))
+        return JSONResponse(await _off_loop(plane.views.status))
 
     async def health(request: Request) -> Response:
+        # On threads of its own, so that a stalled store, which may hold up the threads of
+        # views and commands, cannot hold up the answer.
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.run_in_executor(health_pool, plane.views.health), cfg.health_deadline_s
+            )
+        except asyncio.TimeoutError:
+            return PlainTextResponse(
+                f"store unreachable: no answer within {cfg.health_deadline_s:g} s",
+                status_code=503,
+            )
+        except StoreError as exc:
+            return PlainTextResponse(f"store unreachable: {exc}", status_code=503)
         return PlainTextResponse("ok")
 
     async def rollouts(request: Request) -> Response:
         if request.method == "GET":
             require_read(request)
-            return await _off_loop(lambda: JSONResponse({"rollouts": plane.summaries()}))
+            return JSONResponse({"rollouts": await _off_loop(plane.views.summaries)})
         require_admin(request)
         body = await read_json(request)
 
         def publish() -> Response:
             try:
-                task = plane.publish(rollout_from_json(body, plane.config.limits, plane_clock()))
+                task = plane.commands.publish_rollout(body)
             except FieldError as exc:
                 raise _HttpError(400, str(exc), exc.field) from None
-            return JSONResponse(plane.detail(task.id), status_code=201)
+            return JSONResponse(plane.views.detail(task.id), status_code=201)
 
         return await _off_loop(publish)
 
@@ -280,7 +323,7 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
         require_read(request)
 
         def view() -> Response:
-            detail = plane.detail(request.path_params["id"])
+            detail = plane.views.detail(request.path_params["id"])
             if detail is None:
                 raise _HttpError(404, f"no rollout {request.path_params['id']}", "id")
             return JSONResponse(detail)
@@ -290,8 +333,6 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
     async def rollout_action(request: Request) -> Response:
         require_admin(request)
         task_id, action = request.path_params["id"], request.path_params["action"]
-        if plane.store.task(task_id) is None:
-            raise _HttpError(404, f"no rollout {task_id}", "id")
         body = await read_json(request) if int(request.headers.get("content-length") or 0) else {}
         if not isinstance(body, dict):
             raise _HttpError(400, "body must be a JSON object", "body")
@@ -305,41 +346,45 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
                     mark_bad = body.get("mark_bad", False)
                     if not isinstance(mark_bad, bool):
                         raise FieldError("mark_bad", "must be true or false")
-                    task = plane.rollback(task_id, mark_bad=mark_bad, release=release)
-                    return JSONResponse(plane.detail(task.id), status_code=201)
+                    task = plane.commands.rollback(task_id, mark_bad=mark_bad, release=release)
+                    return JSONResponse(plane.views.detail(task.id), status_code=201)
                 if action not in ("pause", "resume", "abort"):
                     raise _HttpError(404, f"unknown action {action!r}", "action")
                 reason = body.get("reason", "")
                 if not isinstance(reason, str) or len(reason) > 500:
                     raise FieldError("reason", "must be a string of at most 500 characters")
-                if not plane.control(task_id, action, reason):
-                    detail = plane.detail(task_id) or {}
+                if not plane.commands.control(task_id, action, reason):
+                    detail = plane.views.detail(task_id) or {}
                     raise _HttpError(
                         409, f"cannot {action} a rollout that is {detail.get('status')}", "action"
                     )
+            except NoSuchRollout as exc:
+                raise _HttpError(404, str(exc), exc.field) from None
             except FieldError as exc:
                 raise _HttpError(400, str(exc), exc.field) from None
-            return JSONResponse(plane.detail(task_id))
+            return JSONResponse(plane.views.detail(task_id))
 
         return await _off_loop(act)
 
     async def bad_versions(request: Request) -> Response:
         if request.method == "GET":
             require_read(request)
-            return JSONResponse({"bad": plane.store.bad_versions()})
+            return JSONResponse({"bad": await _off_loop(plane.views.bad_versions)})
         require_admin(request)
         body = await read_json(request)
         if not isinstance(body, dict):
             raise _HttpError(400, "body must be a JSON object", "body")
-        try:
-            version = parse_version(body.get("version"))
-        except ValueError as exc:
-            raise _HttpError(400, str(exc), "version") from None
+        version = body.get("version")
+        if not isinstance(version, str):
+            raise _HttpError(400, "must be a version string", "version")
         reason = body.get("reason", "marked bad by an operator")
         if not isinstance(reason, str) or len(reason) > 500:
             raise _HttpError(400, "must be a string of at most 500 characters", "reason")
-        await _off_loop(plane.store.mark_bad, str(version), reason)
-        return JSONResponse({"bad": plane.store.bad_versions()})
+        try:
+            bad = await _off_loop(plane.commands.mark_bad, version, reason)
+        except FieldError as exc:
+            raise _HttpError(400, str(exc), exc.field) from None
+        return JSONResponse({"bad": bad})
 
     async def openapi(request: Request) -> Response:
         require_read(request)
@@ -347,14 +392,11 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
 
     async def metrics(request: Request) -> Response:
         require_read(request)
-        text = await _off_loop(render_metrics, plane)
+        text = render_metrics(await _off_loop(plane.views.metrics))
         return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     async def dashboard(request: Request) -> Response:
         return HTMLResponse(DASHBOARD_HTML)
-
-    def plane_clock() -> float:
-        return plane._clock()
 
     def guarded(handler: Any) -> Any:
         async def run(request: Request) -> Response:
@@ -362,6 +404,8 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
                 return await handler(request)  # type: ignore[no-any-return]
             except _HttpError as exc:
                 return _error(exc.status, str(exc), exc.field)
+            except StoreError as exc:
+                return _error(503, f"the store failed: {exc}")
 
         return run
 
@@ -381,7 +425,9 @@ def create_app(plane: ControlPlane, config: AppConfig | None = None) -> Starlett
             yield
         finally:
             task.cancel()
-            plane.flush()
+            await asyncio.to_thread(plane.fleet.flush)
+            if batcher is None:
+                beats.close()
 
     routes = [
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in fast.items()),
@@ -410,19 +456,19 @@ _NO_ORDER = b'{"order":null}'
 
 
 class _OrderBytes:
-    """Encodes ``{"order": ...}``; the plane hands out one order object per rollout, so its
-    bytes are encoded once."""
+    """Encodes ``{"order": ...}`` for a reply; a rollout's order is encoded once."""
 
     def __init__(self) -> None:
-        self._order: object = None
+        self._task_id = ""
         self._bytes = _NO_ORDER
 
-    def encode(self, order: Mapping[str, Any] | None) -> bytes:
-        if order is None:
+    def encode(self, reply: Reply) -> bytes:
+        task = reply.task
+        if task is None:
             return _NO_ORDER
-        if order is not self._order:
-            self._bytes = _json_bytes({"order": order})
-            self._order = order
+        if task.id != self._task_id:
+            self._bytes = _json_bytes({"order": task.order().to_wire()})
+            self._task_id = task.id
         return self._bytes
 
 
@@ -438,14 +484,16 @@ class _FastPost:
     response and middleware objects roughly halves the cost of each one.
     """
 
-    def __init__(self, handle: Callable[[bytes, bytes], bytes], max_body_bytes: int) -> None:
+    def __init__(
+        self, handle: Callable[[bytes, bytes], Awaitable[bytes]], max_body_bytes: int
+    ) -> None:
         self.handle = handle
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 200
         try:
-            payload = self.handle(
+            payload = await self.handle(
                 await self._body(scope, receive), _header(scope, b"authorization")
             )
         except _HttpError as exc:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..models import Heartbeat, UpgradeState, parse_version
+from .batch import HeartbeatBatcher
 from .plane import ControlPlane
 
 __all__ = ["heartbeat_from_report", "serve_falcon_rpc"]
@@ -81,15 +82,15 @@ def heartbeat_from_report(params: Mapping[str, Any]) -> Heartbeat:
 class _Connection:
     def __init__(
         self,
-        plane: ControlPlane,
+        beats: HeartbeatBatcher,
         max_frame_bytes: int,
         token_for: Callable[[str], str | None] | None,
     ) -> None:
-        self.plane = plane
+        self.beats = beats
         self.max = max_frame_bytes
         self.token_for = token_for
 
-    def dispatch(self, method: object, params: object) -> Any:
+    async def dispatch(self, method: object, params: object) -> Any:
         first = params[0] if isinstance(params, list) and params else {}
         if not isinstance(first, Mapping):
             first = {}
@@ -107,11 +108,12 @@ class _Connection:
                 ):
                     log.warning("ReportStatus of %s without its agent token", beat.host)
                     return {"code": 1, "Args": None}
-            sent = self.plane.heartbeat_wire(beat)
-            task = self.plane.active_task() if sent is not None else None
+            task = (await self.beats.answer(beat)).task
             args = task.seed_view() if task is not None else None
-            if sent is not None and args is None:
-                log.warning("task %s cannot be sent to falcon agents (not md5/bin_<version>)", task)
+            if task is not None and args is None:
+                log.warning(
+                    "task %s cannot be sent to falcon agents (not md5/bin_<version>)", task.id
+                )
             if args is not None and task is not None:
                 args["task_id"] = task.id  # a Go agent ignores keys it does not know
             return {"code": 0, "Args": args}
@@ -144,7 +146,8 @@ class _Connection:
                     log.warning("malformed frame; closing the connection")
                     return
                 try:
-                    reply = {"id": call_id, "result": self.dispatch(method, params), "error": None}
+                    result = await self.dispatch(method, params)
+                    reply = {"id": call_id, "result": result, "error": None}
                 except LookupError as exc:
                     reply = {"id": call_id, "result": None, "error": str(exc)}
                 except Exception as exc:
@@ -167,13 +170,17 @@ async def serve_falcon_rpc(
     *,
     max_frame_bytes: int = 64 * 1024,
     token_for: Callable[[str], str | None] | None = None,
+    batcher: HeartbeatBatcher | None = None,
 ) -> asyncio.Server:
     """Listen for falcon agents on ``host:port``; return the started server.
 
     Args:
+        batcher: how heartbeats reach ``plane`` (shared with the HTTP app); by default one
+            of its own.
         token_for: when given, ``ReportStatus`` must carry ``Token`` equal to
             ``token_for(host)`` (``""``: none needed; ``None``: refused). An unmodified falcon
             agent cannot send one, so require tokens only for selfupgrade's own RPC agents.
     """
-    conn = _Connection(plane, max_frame_bytes, token_for)
+    beats = batcher or HeartbeatBatcher(lambda batch: plane.answer(batch))
+    conn = _Connection(beats, max_frame_bytes, token_for)
     return await asyncio.start_server(conn.serve, host, port, limit=max_frame_bytes)

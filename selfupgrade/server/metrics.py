@@ -9,6 +9,7 @@
     selfupgrade_rollout_failures_total      failed attempts in the active rollout
     selfupgrade_rollout_phase{rollout,phase}  1 for the active rollout's status
     selfupgrade_rollout_wave{rollout}       index of its current wave (0-based)
+    selfupgrade_store_round_trips_total     round trips to the store (Redis) so far
 
 A registry is built per scrape, so nothing here is global and two planes in one process (two
 tests, say) never mix.
@@ -16,14 +17,13 @@ tests, say) never mix.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .plane import ControlPlane
+from .views import MetricsSnapshot
 
 __all__ = ["METRICS_CONTENT_TYPE", "render_metrics"]
 
@@ -31,35 +31,36 @@ METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 _PHASES = ("active", "paused", "halted", "aborted", "complete", "cancelled")
 
 
-class _PlaneCollector:
-    def __init__(self, plane: ControlPlane) -> None:
-        self.plane = plane
+class _SnapshotCollector:
+    def __init__(self, snapshot: MetricsSnapshot) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        plane = self.plane
-        hosts = plane.fleet()
+        snap = self.snapshot
         by_version = GaugeMetricFamily(
             "selfupgrade_hosts", "Hosts by the version they last reported.", labels=["version"]
         )
-        for version, n in sorted(Counter(s.version for s in hosts.values()).items()):
+        for version, n in sorted(snap.versions.items()):
             by_version.add_metric([version], n)
         yield by_version
         by_state = GaugeMetricFamily(
             "selfupgrade_hosts_by_state", "Hosts by upgrade state.", labels=["state"]
         )
-        for state, n in sorted(Counter(s.state for s in hosts.values()).items()):
+        for state, n in sorted(snap.states.items()):
             by_state.add_metric([state], n)
         yield by_state
-        task = plane.active_task()
+        if "round_trips" in snap.store:
+            trips = CounterMetricFamily(
+                "selfupgrade_store_round_trips", "Round trips to the store so far."
+            )
+            trips.add_metric([], snap.store["round_trips"])
+            yield trips
+        task, c = snap.task, snap.rollout
         if task is None:
             return
-        c = plane.store.counters(task.id, plane._clock())
-        waves = task.effective_plan.waves
         yield _gauge("selfupgrade_slots_in_use", "Upgrade slots held.", c.in_flight)
         yield _gauge(
-            "selfupgrade_slots_limit",
-            "Upgrade slots the current wave allows.",
-            waves[min(c.wave, len(waves) - 1)].max_in_flight,
+            "selfupgrade_slots_limit", "Upgrade slots the current wave allows.", snap.slot_limit
         )
         yield _gauge("selfupgrade_rollout_done", "Hosts that confirmed the rollout.", c.done)
         yield _gauge("selfupgrade_rollout_failed_hosts", "Hosts given up on.", c.failed)
@@ -74,7 +75,7 @@ class _PlaneCollector:
             labels=["rollout", "phase"],
         )
         for name in _PHASES:
-            phase.add_metric([task.id, name], 1 if c.status == name else 0)
+            phase.add_metric([task.id, name], 1 if c.status.value == name else 0)
         yield phase
         wave = GaugeMetricFamily(
             "selfupgrade_rollout_wave", "Current wave (0-based).", labels=["rollout"]
@@ -90,8 +91,8 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, text, value=value)
 
 
-def render_metrics(plane: ControlPlane) -> bytes:
+def render_metrics(snapshot: MetricsSnapshot) -> bytes:
     """The exposition text for one scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_PlaneCollector(plane))
+    registry.register(_SnapshotCollector(snapshot))
     return generate_latest(registry)

@@ -11,6 +11,7 @@ forgot (an unknown ``type``, a malformed md5, a version that is not a version).
 
 from __future__ import annotations
 
+import enum
 import functools
 import secrets
 from collections.abc import Mapping
@@ -33,23 +34,40 @@ from ._fields import FieldError
 from .plan import Plan
 
 __all__ = [
+    "NO_ROLLOUT",
     "FieldError",
     "HostProgress",
+    "HostRead",
     "HostSeen",
+    "HostState",
+    "RolloutState",
+    "Status",
     "Task",
-    "TaskCounters",
     "TaskLimits",
-    "TaskStatus",
     "WaveCounters",
     "seed_args",
     "task_from_seed",
 ]
 
-TaskStatus = Literal["active", "paused", "halted", "aborted", "complete", "cancelled"]
-"""``active`` admits hosts; ``paused`` admits none until resumed; ``halted`` stopped itself
-(a wave exceeded its failure budget); ``aborted`` by an operator; ``complete`` after the last
-wave baked (late-joining hosts of a 100% last wave are still admitted); ``cancelled`` when
-another rollout replaced it."""
+
+class Status(str, enum.Enum):
+    """A rollout's status."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    ACTIVE = "active"
+    """Admits hosts."""
+    PAUSED = "paused"
+    """Admits none until resumed."""
+    HALTED = "halted"
+    """Stopped itself: a wave exceeded its failure budget."""
+    ABORTED = "aborted"
+    """Stopped by an operator."""
+    COMPLETE = "complete"
+    """The last wave baked (late-joining hosts of a 100% last wave are still admitted)."""
+    CANCELLED = "cancelled"
+    """Another rollout replaced it."""
 
 
 @dataclass(frozen=True)
@@ -210,14 +228,29 @@ class Task:
         )
 
 
+class HostState(str, enum.Enum):
+    """Where one host stands in one rollout."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    ADMITTED = "admitted"
+    """Holds an upgrade slot (a lease)."""
+    DONE = "done"
+    """Confirmed the rollout's version."""
+    BACKOFF = "backoff"
+    """An attempt failed; it may be admitted again after a while."""
+    FAILED = "failed"
+    """Given up on for this rollout."""
+
+
 @dataclass(frozen=True, slots=True)
 class HostProgress:
     """Where one host stands in one task.
 
     Attributes:
         host: the host id.
-        state: ``admitted`` (holds a slot), ``done``, ``backoff`` (failed, will be retried),
-            ``failed`` (gave up on this host for this task).
+        state: see :class:`HostState`.
         attempts: failed attempts so far.
         lease_until: while admitted, when the slot is released without news.
         next_try_at: while backing off, when the host may be admitted again.
@@ -226,10 +259,12 @@ class HostProgress:
         reason: why the last attempt failed.
         admitted_at: when the host was last given a slot.
         done_at: when it confirmed the new version.
+        rev: the record's revision in its store (0: never stored); a store commits a change
+            only while the record is still at the revision the change was computed from.
     """
 
     host: str
-    state: Literal["admitted", "done", "backoff", "failed"]
+    state: HostState
     attempts: int = 0
     lease_until: float = 0.0
     next_try_at: float = 0.0
@@ -238,12 +273,17 @@ class HostProgress:
     reason: str = ""
     admitted_at: float = 0.0
     done_at: float = 0.0
+    rev: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, HostState):
+            object.__setattr__(self, "state", HostState(self.state))
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON object for stores and APIs."""
+        """A JSON object for stores and APIs (the revision is the store's, kept apart)."""
         return {
             "host": self.host,
-            "state": self.state,
+            "state": self.state.value,
             "attempts": self.attempts,
             "lease_until": self.lease_until,
             "next_try_at": self.next_try_at,
@@ -255,13 +295,45 @@ class HostProgress:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> HostProgress:
-        """Read what :meth:`to_json` wrote."""
-        return cls(**data)
+    def from_json(cls, data: Mapping[str, Any], rev: int = 0) -> HostProgress:
+        """Read what :meth:`to_json` wrote, at store revision ``rev``."""
+        return cls(
+            host=str(data["host"]),
+            state=HostState(data["state"]),
+            attempts=int(data.get("attempts", 0)),
+            lease_until=float(data.get("lease_until", 0.0)),
+            next_try_at=float(data.get("next_try_at", 0.0)),
+            started=bool(data.get("started", False)),
+            failures_at_admit=int(data.get("failures_at_admit", 0)),
+            reason=str(data.get("reason", "")),
+            admitted_at=float(data.get("admitted_at", 0.0)),
+            done_at=float(data.get("done_at", 0.0)),
+            rev=rev,
+        )
 
     def with_(self, **changes: Any) -> HostProgress:
         """A copy with ``changes``."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class HostRead:
+    """What a store holds of one host in one rollout.
+
+    Attributes:
+        host: the host id.
+        progress: its progress, ``None`` before its first admission.
+        wave: its wave, ``None`` when it is not a member of the rollout.
+    """
+
+    host: str
+    progress: HostProgress | None = None
+    wave: int | None = None
+
+    @property
+    def rev(self) -> int:
+        """The revision of the progress record (0: none)."""
+        return self.progress.rev if self.progress is not None else 0
 
 
 @dataclass(frozen=True)
@@ -282,30 +354,76 @@ class WaveCounters:
 
 
 @dataclass(frozen=True)
-class TaskCounters:
-    """How a rollout is going.
+class RolloutState:
+    """A rollout's mutable state, as a store holds it: a few fields, named counters, and the
+    number of live leases. What the counters mean is the rulebook's
+    (:mod:`selfupgrade.server.rules`); a store only adds to them.
 
     Attributes:
-        status: see :data:`TaskStatus`.
-        in_flight: hosts holding a slot now.
-        done: hosts that finished.
-        failed: hosts given up on.
-        failures: failed attempts, all hosts together.
+        status: see :class:`Status`.
         halt_reason: why it halted, or who aborted it.
         wave: index of the current wave.
         wave_done_at: when every host of the current wave had settled (the bake started).
-        waves: counters of each wave.
+        counters: ``done``, ``failed``, ``failures`` and ``w<k>:members|done|failed|failures``.
+        in_flight: live leases (slots held) when it was read.
     """
 
-    status: TaskStatus = "active"
-    in_flight: int = 0
-    done: int = 0
-    failed: int = 0
-    failures: int = 0
+    status: Status = Status.ACTIVE
     halt_reason: str = ""
     wave: int = 0
     wave_done_at: float | None = None
-    waves: tuple[WaveCounters, ...] = ()
+    counters: Mapping[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, Status):
+            object.__setattr__(self, "status", Status(self.status))
+
+    @property
+    def done(self) -> int:
+        """Hosts that finished."""
+        return self.counters.get("done", 0)
+
+    @property
+    def failed(self) -> int:
+        """Hosts given up on."""
+        return self.counters.get("failed", 0)
+
+    @property
+    def failures(self) -> int:
+        """Failed attempts, all hosts together."""
+        return self.counters.get("failures", 0)
+
+    @property
+    def waves(self) -> tuple[WaveCounters, ...]:
+        """The counters of each wave."""
+        out = []
+        k = 0
+        while f"w{k}:members" in self.counters:
+            get = self.counters.get
+            out.append(
+                WaveCounters(
+                    get(f"w{k}:members", 0),
+                    get(f"w{k}:done", 0),
+                    get(f"w{k}:failed", 0),
+                    get(f"w{k}:failures", 0),
+                )
+            )
+            k += 1
+        return tuple(out)
+
+    def fields(self) -> dict[str, Any]:
+        """The fields a commit may guard or set, by name."""
+        return {
+            "status": self.status,
+            "halt_reason": self.halt_reason,
+            "wave": self.wave,
+            "wave_done_at": self.wave_done_at,
+        }
+
+
+NO_ROLLOUT = RolloutState(status=Status.CANCELLED)
+"""What a store answers for a rollout it does not hold."""
 
 
 @dataclass(frozen=True, slots=True)

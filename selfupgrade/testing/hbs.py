@@ -28,7 +28,7 @@ import httpx
 
 from ..server.app import AppConfig, create_app
 from ..server.plane import ControlPlane, PlaneConfig
-from ..server.sqlite import SqliteStore
+from ..server.stores.sqlite import SqliteStore
 from ..server.tasks import TaskLimits
 from ._base import RecordsErrors
 

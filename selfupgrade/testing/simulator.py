@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..models import Heartbeat, UpgradeState, parse_version
-from ..server.memory import MemoryStore
+from ..server import rules
 from ..server.plan import Plan
 from ..server.plane import ControlPlane, PlaneConfig
+from ..server.stores.memory import MemoryStore
 from ..server.tasks import Task, TaskLimits
 from .toy import toy_release
 
@@ -183,6 +184,13 @@ class FleetSimulator:
         self._events: list[tuple[float, int, int, int]] = []
         self._seq = 0
 
+    def _free_slots(self, task: Task) -> int:
+        """Slots an admission could take now (hbs itself learns it by trying)."""
+        state = self.store.rollout(task.id, self.now)
+        if state.status not in rules.ADMITTING:
+            return 0
+        return max(0, rules.slot_limit(task, state) - state.in_flight)
+
     def _at(self, when: float, kind: int, host: int) -> None:
         self._seq += 1
         heapq.heappush(self._events, (when, self._seq, kind, host))
@@ -216,8 +224,10 @@ class FleetSimulator:
         beats = 0
         stepping = False
 
+        answer = self.plane.answer
+        observe = self.plane.fleet.record
         for name in names:  # every host is known to the control plane
-            self.plane.heartbeat(Heartbeat(host=name, version=old))
+            answer([Heartbeat(host=name, version=old)])
         release = toy_release("1.1").order("http://files.invalid/sim").release
         task = Task(
             "sim",
@@ -227,7 +237,7 @@ class FleetSimulator:
             ),
             plan=c.plan,
         )
-        self.plane.publish(task)
+        self.plane.commands.publish(task)
         members = self.store.members(task.id)
         by_wave: dict[int, list[int]] = {}
         index = {name: i for i, name in enumerate(names)}
@@ -244,7 +254,7 @@ class FleetSimulator:
             wave_start[wave] = self.now
             for h in by_wave.get(wave, []):
                 # it was heartbeating all along, with nothing to decide; from now on it counts
-                self.plane.observe(Heartbeat(host=names[h], version=version[h]))
+                observe(Heartbeat(host=names[h], version=version[h]), self.now)
                 self._at(self.now + rng.random() * c.interval_s, _BEAT, h)
 
         wake(0)
@@ -256,7 +266,6 @@ class FleetSimulator:
         # locals for the loop below: it runs millions of times
         events, heappush, heappop, random = self._events, heapq.heappush, heapq.heappop, rng.random
         interval, low, spread = c.interval_s, 1.0 - c.jitter, 2.0 * c.jitter
-        heartbeat_wire = self.plane.heartbeat_wire
         idle: dict[int, Heartbeat] = {}
 
         def idle_beat(h: int) -> Heartbeat:
@@ -282,7 +291,7 @@ class FleetSimulator:
                 if vanished[h2]:
                     continue  # gone: it would not heartbeat again
                 coming.add(h2)
-                self.plane.observe(idle_beat(h2))
+                observe(idle_beat(h2), self.now)
                 self._at(self.now + rng.expovariate((len(parked) + 1) / interval), _BEAT, h2)
 
         status, halt_reason = "timeout", ""
@@ -293,17 +302,17 @@ class FleetSimulator:
             self.now = when
             if kind == _TICK:
                 self.plane.tick()
-                counters = self.store.counters(task.id, self.now)
+                counters = self.store.rollout(task.id, self.now)
                 if (counters.status, counters.wave) != last_status:
                     last_status = (counters.status, counters.wave)
                     unpark(len(parked), everyone=True)  # a new wave or status: all try again
                 elif parked:
-                    unpark(self.store.free_slots(task.id, self.now))
+                    unpark(self._free_slots(task))
                 if parked and self.now - observed_at > lost_window / 2:
                     observed_at = self.now
                     parked[:] = [h2 for h2 in parked if not vanished[h2]]
                     for h2 in parked:  # they were heartbeating all along
-                        self.plane.observe(idle_beat(h2))
+                        observe(idle_beat(h2), self.now)
                 if counters.wave_done_at is not None:  # the wave settled; its bake began
                     wave_settled.setdefault(counters.wave, counters.wave_done_at)
                 if counters.status in ("complete", "halted", "aborted"):
@@ -348,14 +357,14 @@ class FleetSimulator:
             # a heartbeat (the hot path: most are hosts waiting for a slot)
             p = phase[h]
             if p == _IDLE:
-                order = heartbeat_wire(idle_beat(h))
+                order = answer([idle_beat(h)])[0].task
             else:
                 if p == _TRIAL:
                     p = phase[h] = _DONE
                 order = self._beat(h, names, version, phase, failures)
             beats += 1
             if c.park_waiting:
-                free = self.store.free_slots(task.id, self.now) if parked else 0
+                free = self._free_slots(task) if parked else 0
                 if free:
                     unpark(free)  # this heartbeat may have freed a slot (a host confirmed)
             if p == _DONE:
@@ -371,14 +380,14 @@ class FleetSimulator:
                 and p == _IDLE
                 and order is None
                 and members.get(names[h], 99) <= last_status[1]
-                and self.store.free_slots(task.id, self.now) == 0
+                and self._free_slots(task) == 0
             ):
                 parked.append(h)
                 continue
             self._seq = seq = self._seq + 1
             heappush(events, (when + interval * (low + spread * random()), seq, _BEAT, h))
 
-        counters = self.store.counters(task.id, self.now)
+        counters = self.store.rollout(task.id, self.now)
         return SimResult(
             status=status,
             duration_s=self.now,
@@ -419,7 +428,7 @@ class FleetSimulator:
             )
         else:
             beat = Heartbeat(host=names[h], version=version[h])
-        return self.plane.heartbeat_wire(beat)
+        return self.plane.answer([beat])[0].task
 
 
 def _share(capacity: float, caps: dict[int, float]) -> dict[int, float]:

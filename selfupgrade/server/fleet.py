@@ -1,0 +1,130 @@
+"""The fleet view: the last heartbeat of every host, kept by the control plane.
+
+Every heartbeat is recorded here first, in memory, without the store. What is new (a new host,
+a change of version, state, error or labels) is written to the store at the next flush; a
+host's unchanged heartbeat at most every ``seen_save_s``, each host at its own phase of that
+period so that the fleet's rewrites are spread over it. The store's view (every hbs
+replica's) is merged with this process's newer heartbeats when the whole fleet is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from ..models import Heartbeat
+from .stores.base import FleetStore, StoreError
+from .tasks import HostSeen
+
+__all__ = ["FleetView"]
+
+log = logging.getLogger("selfupgrade.server")
+
+
+class FleetView:
+    """The last heartbeat of every host.
+
+    Args:
+        store: where the view is kept for other replicas and restarts.
+        seen_save_s: see :attr:`~selfupgrade.server.plane.PlaneConfig.seen_save_s`.
+        clock: wall-clock time.
+    """
+
+    def __init__(self, store: FleetStore, seen_save_s: float, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._save_s = seen_save_s
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        now = clock()
+        # After a restart, a stored last-seen time is taken as up to seen_save_s later (it
+        # was written at most that long before the host's last heartbeat).
+        self._seen: dict[str, HostSeen] = {
+            host: replace(s, seen_at=min(s.seen_at + seen_save_s, max(s.seen_at, now)))
+            for host, s in store.hosts().items()
+        }
+        self._last_beat: dict[str, float] = {h: s.seen_at for h, s in self._seen.items()}
+        self._dirty: dict[str, HostSeen] = {}
+        self._version_text: dict[object, str] = {}
+
+    def record(self, beat: Heartbeat, now: float) -> None:
+        """Note that ``beat``'s host was heard from; keep (and mark for the store) a new
+        :class:`HostSeen` only when it has news.
+
+        Most heartbeats repeat the last one: they change one float and allocate nothing that
+        outlives the request (with 600,000 hosts, a new object per heartbeat keeps the
+        garbage collector's full scans, and their pauses, coming).
+        """
+        version = self._version_text.get(beat.version)
+        if version is None:
+            version = self._version_text.setdefault(beat.version, str(beat.version))
+        self._note(beat.host, version, beat.state.value, beat.error, beat.labels, now)
+
+    def _note(
+        self,
+        host: str,
+        version: str,
+        state: str,
+        error: str | None,
+        labels: Mapping[str, str],
+        now: float,
+    ) -> None:
+        save_s = self._save_s
+        phase = (hash(host) & 0xFFFF) * save_s / 0x10000
+        with self._lock:
+            self._last_beat[host] = now
+            prev = self._seen.get(host)
+            if (
+                prev is not None
+                and (prev.seen_at + phase) // save_s == (now + phase) // save_s
+                and prev.version == version
+                and prev.state == state
+                and prev.error == error
+                and prev.labels == labels
+            ):
+                return
+            seen = HostSeen(host, version, state, now, error, labels)
+            self._seen[host] = seen
+            self._dirty[host] = seen
+
+    def last_seen(self, host: str) -> float | None:
+        """When this process last heard from ``host`` (``None``: never, since it started and
+        not before, as far as the store said at start)."""
+        return self._last_beat.get(host)
+
+    def last_beats(self) -> Mapping[str, float]:
+        """Host -> when this process last heard from it (a live mapping: read, do not keep)."""
+        return self._last_beat
+
+    def all(self) -> dict[str, HostSeen]:
+        """The last heartbeat of every host: the store's view (every replica's), with this
+        process's newer heartbeats over it.
+
+        Raises:
+            StoreError: the store failed.
+        """
+        merged = self._store.hosts()
+        with self._lock:
+            local = list(self._seen.values())
+        for s in local:
+            other = merged.get(s.host)
+            if other is None or other.seen_at < s.seen_at:
+                merged[s.host] = s
+        return merged
+
+    def flush(self) -> None:
+        """Write the heartbeats with news since the last flush to the store (one flush at a
+        time, so that an older heartbeat never overwrites a newer one)."""
+        with self._flush_lock:
+            with self._lock:
+                dirty, self._dirty = self._dirty, {}
+            if not dirty:
+                return
+            try:
+                self._store.save_hosts(dirty.values())
+            except StoreError as exc:
+                log.error("could not save heartbeats (will retry): %s", exc)
+                with self._lock:
+                    for host, seen in dirty.items():
+                        self._dirty.setdefault(host, seen)

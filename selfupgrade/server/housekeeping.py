@@ -1,0 +1,119 @@
+"""Housekeeping: the control plane's periodic work, run every second by hbs.
+
+Flush the fleet view to the store; expire the leases that ran out without news (each a failed
+attempt, :func:`~selfupgrade.server.rules.expire`); count the lost hosts of the current wave
+and move the rollout on (:func:`~selfupgrade.server.rules.advance`: bake, promote, complete).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import rules
+from ._retry import commit_until_settled
+from .effects import Commit, Outcome
+from .fleet import FleetView
+from .stores.base import Store, StoreError
+from .tasks import RolloutState, Task
+
+if TYPE_CHECKING:
+    from .plane import RolloutCache
+
+__all__ = ["Housekeeping"]
+
+log = logging.getLogger("selfupgrade.server")
+
+
+class Housekeeping:
+    """Periodic work over a store; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        fleet: FleetView,
+        cache: RolloutCache,
+        lost_after_leases: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._store = store
+        self._fleet = fleet
+        self._cache = cache
+        self._lost_after = lost_after_leases
+        self._clock = clock
+        self._silent: tuple[str, int, float, list[str]] = ("", -1, -1e18, [])
+
+    def tick(self) -> None:
+        """Flush, expire leases, advance the rollout. A store failure is logged; the next
+        tick tries again."""
+        self._fleet.flush()
+        try:
+            task_id = self._store.active_id()
+            task = self._store.task(task_id) if task_id is not None else None
+            if task is None:
+                return
+            now = self._clock()
+            expired = self.expire(task, now)
+            if expired:
+                log.warning("%d lease(s) of %s expired without news", expired, task.id)
+            rollout = self._store.rollout(task.id, now)
+            step = rules.advance(task, rollout, lost=self._lost(task, rollout, now), now=now)
+            if step is not None and self._store.commit([step.commit])[0] == Outcome.OK:
+                if step.kind == "promote":
+                    log.info("%s: wave %d promoted", task.id, step.wave + 1)
+                elif step.kind == "complete":
+                    log.info("%s complete", task.id)
+                self._cache.forget()
+        except StoreError as exc:
+            log.error("periodic work failed (will retry): %s", exc)
+
+    def expire(self, task: Task, now: float) -> int:
+        """Fail the attempts whose lease ran out by ``now``; return how many.
+
+        Raises:
+            StoreError: the store failed.
+        """
+        count = 0
+        for host in self._store.due(task.id, now):
+
+            def decide(host: str = host) -> Commit | None:
+                rollout = self._store.rollout(task.id, now)
+                read = self._store.read(task.id, [host])[0]
+                return rules.expire(task, rollout, read, now)
+
+            if commit_until_settled(self._store, decide, what=f"expire {host}") == Outcome.OK:
+                log.warning("%s: no news from %s within its lease", task.id, host)
+                count += 1
+        return count
+
+    def _lost(self, task: Task, rollout: RolloutState, now: float) -> int:
+        """Members of the current wave that have not settled and stopped heartbeating.
+
+        Finding them scans the wave, so it runs at most every half lease (a host is lost only
+        after ``lost_after_leases`` leases of silence); in between, only the hosts found
+        silent are checked again, and any that spoke or settled since stop counting.
+        """
+        wave = rollout.wave
+        waves = rollout.waves
+        if wave >= len(waves):
+            return 0
+        c = waves[wave]
+        if c.done + c.failed >= c.members:
+            return 0
+        last = self._fleet.last_beats()
+        task_id, cached_wave, scanned_at, silent = self._silent
+        if task_id != task.id or cached_wave != wave or now - scanned_at >= task.limits.lease_s / 2:
+            settled = {p.host for p in self._store.all_progress(task.id) if rules.settled(p)}
+            silent = [
+                host
+                for host, w in self._store.members(task.id).items()
+                if w == wave
+                and host not in settled
+                and rules.is_lost(task, last.get(host), now, self._lost_after)
+            ]
+            self._silent = (task.id, wave, now, silent)
+        still = [h for h in silent if rules.is_lost(task, last.get(h), now, self._lost_after)]
+        if not still:
+            return 0
+        return sum(1 for r in self._store.read(task.id, still) if not rules.settled(r.progress))
