@@ -161,8 +161,9 @@ class RedisStore:
         self._run(pipe.execute)
         pipe = self._r.pipeline(transaction=True)
         pipe.set(f"{self._p}:task:{task.id}", json.dumps(task.to_json()))
-        fields: dict[str, str | int] = {"status": Status.ACTIVE.value, "halt_reason": "", "wave": 0, "wave_done_at": ""}
-        pipe.hset(meta, mapping={**fields, **{f"c:{k}": v for k, v in counters.items()}})
+        mapping: dict[str | bytes, str | int] = {f"c:{k}": v for k, v in counters.items()}
+        mapping.update(status=Status.ACTIVE.value, halt_reason="", wave=0, wave_done_at="")
+        pipe.hset(meta, mapping=mapping)  # type: ignore[arg-type]
         pipe.lpush(f"{self._p}:tasks", task.id)
         pipe.set(f"{self._p}:active", task.id)
         self._run(pipe.execute)
