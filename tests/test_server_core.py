@@ -175,48 +175,6 @@ def test_publishing_a_new_task_cancels_the_old(store) -> None:  # type: ignore[n
     assert send(plane, beat("b")) is not None  # t1's slot no longer counts
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
-def test_admission_is_atomic_under_concurrent_heartbeats(
-    kind: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    store = make_store(kind, tmp_path, request)
-    plane = plane_with(store)
-    limit = 7
-    plane.commands.publish(task(limit=limit, lease_s=1e9))
-    stop = threading.Event()
-    peak = 0
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            holders = sum(1 for p in store.all_progress("t1") if p.state == "admitted")
-            peak = max(peak, holders)
-
-    def fleet(seed: int) -> None:
-        rng = random.Random(seed)
-        for _ in range(400):
-            h = f"h{rng.randrange(200)}"
-            if rng.random() < 0.2:
-                send(plane, beat(h, "1.1"))  # finishes, frees a slot
-            else:
-                send(plane, beat(h, state=rng.choice([S.IDLE, S.DOWNLOADING])))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    workers = [threading.Thread(target=fleet, args=(i,)) for i in range(16)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    stop.set()
-    sampler.join()
-    final = store.rollout("t1", 1000.0)
-    store.close()
-    assert 0 < peak <= limit
-    assert final.in_flight <= limit
-    assert final.done > 0
-
-
 def test_sqlite_store_survives_a_restart(tmp_path: Path) -> None:
     clock = Clock()
     store = SqliteStore(tmp_path / "hbs.db")

@@ -163,11 +163,7 @@ async def serve(cfg: Config) -> None:
         store = open_store(cfg.store)
     except (ValueError, StoreError) as exc:
         raise SystemExit(f"hbs: {exc}") from None
-    # With Redis, a refused admission spares the next 0.2 s of heartbeats the round trip.
-    remote = not cfg.store.startswith("sqlite:")
-    plane = ControlPlane(
-        store, PlaneConfig(limits=cfg.limits, full_backoff_s=0.2 if remote else 0.0)
-    )
+    plane = ControlPlane(store, PlaneConfig(limits=cfg.limits))
     # What was loaded (the fleet view: a few objects per host) lives as long as the process;
     # frozen, it is left out of the collector's full scans, which would otherwise stop every
     # request for about 0.1 s per 600,000 hosts.

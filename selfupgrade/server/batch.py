@@ -47,7 +47,10 @@ class HeartbeatBatcher:
         self.deadline_s = deadline_s
         self._max_batch = max_batch
         self._max_waiting = max_waiting
-        self._waiting: list[tuple[Heartbeat, asyncio.Future[Reply]]] = []
+        # (heartbeat, its future, when it arrived), in arrival order
+        self._waiting: list[tuple[Heartbeat, asyncio.Future[Reply], float]] = []
+        self._running: list[tuple[Heartbeat, asyncio.Future[Reply], float]] = []
+        self._watchdog: asyncio.TimerHandle | None = None
         self._draining = False
         self._drainer: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -62,25 +65,36 @@ class HeartbeatBatcher:
             return self._busy
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
-        self._waiting.append((beat, future))
+        self._waiting.append((beat, future, loop.time()))
         if not self._draining:
             self._draining = True
             self._drainer = loop.create_task(self._drain(loop))
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.deadline_s)
-        except asyncio.TimeoutError:
-            future.cancel()  # not sent to the store if it has not been yet
-            return self._late
+        return await future
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Answer "no order" to every heartbeat that has waited its deadline (those of the
+        batch being answered, and those waiting for the next); runs every quarter deadline
+        while batches are being answered, one timer for all of them."""
+        too_old = loop.time() - self.deadline_s
+        for items in (self._running, self._waiting):
+            for _, future, since in items:
+                if since > too_old:
+                    break  # in arrival order: the rest are younger
+                if not future.done():
+                    future.set_result(self._late)
+        self._watchdog = loop.call_later(self.deadline_s / 4, self._watch, loop)
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watchdog = loop.call_later(self.deadline_s / 4, self._watch, loop)
         try:
             while self._waiting:
                 taken = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
-                batch = [(b, f) for b, f in taken if not f.done()]
-                if not batch:
+                # those answered "late" already are not sent to the store
+                self._running = [item for item in taken if not item[1].done()]
+                if not self._running:
                     continue
-                beats = [b for b, _ in batch]
+                beats = [b for b, _, _ in self._running]
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="hbs-heartbeats")
                 try:
@@ -90,11 +104,14 @@ class HeartbeatBatcher:
                     replies = [Reply(error="internal error")] * len(beats)
                 self.batches += 1
                 self.answered += len(beats)
-                for (_, future), reply in zip(batch, replies, strict=True):
+                for (_, future, _), reply in zip(self._running, replies, strict=True):
                     if not future.done():
                         future.set_result(reply)
+                self._running = []
         finally:
             self._draining = False
+            if self._watchdog is not None:
+                self._watchdog.cancel()
 
     def close(self) -> None:
         """Stop the worker thread (after the batch it is answering, if any); a heartbeat

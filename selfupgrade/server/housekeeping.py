@@ -84,6 +84,7 @@ class Housekeeping:
 
             if commit_until_settled(self._store, decide, what=f"expire {host}") == Outcome.OK:
                 log.warning("%s: no news from %s within its lease", task.id, host)
+                self._cache.freed()
                 count += 1
         return count
 

@@ -60,16 +60,17 @@ class PlaneConfig:
             written to the store at most once per this time (see
             :mod:`~selfupgrade.server.fleet`).
         full_backoff_s: after the store refused an admission (every slot held), answer
-            admissions "not now" without asking the store for this long. For a store across
-            the network (Redis), it saves commits for most heartbeats of a large wave; a
-            freed slot then waits at most this long. 0 asks every time.
+            admissions "not now" without asking the store, until this plane frees a slot
+            (a host finished or failed, a lease expired, a command) or for at most this long
+            (a slot freed by another hbs replica waits that long). It spares most
+            heartbeats of a large wave a commit. 0 asks the store every time.
     """
 
     limits: TaskLimits = field(default_factory=TaskLimits)
     task_cache_s: float = 1.0
     lost_after_leases: float = 3.0
     seen_save_s: float = 300.0
-    full_backoff_s: float = 0.0
+    full_backoff_s: float = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,8 @@ class RolloutCache:
         self._lock = threading.Lock()
         self._value: tuple[Task, RolloutState] | None = None
         self._read_at = -math.inf
+        self.full_until = -math.inf
+        """Until when admissions are answered "not now" without asking the store."""
 
     def get(self, now: float) -> tuple[Task, RolloutState] | None:
         """The active rollout and its state.
@@ -129,6 +132,11 @@ class RolloutCache:
         """Read again at the next :meth:`get` (a command changed the rollout)."""
         with self._lock:
             self._read_at = -math.inf
+            self.full_until = -math.inf
+
+    def freed(self) -> None:
+        """A slot was freed here: admissions may succeed again."""
+        self.full_until = -math.inf
 
 
 class ControlPlane:
@@ -157,7 +165,6 @@ class ControlPlane:
         self._store = store
         self._clock = clock
         self._cache = RolloutCache(store, config.task_cache_s)
-        self._full_until = -math.inf
         self.fleet = FleetView(store, config.seen_save_s, clock)
         self.commands = Commands(store, self.fleet, self._cache, config.limits, clock)
         self.views = Views(store, self.fleet, self._cache, config.lost_after_leases, clock)
@@ -200,7 +207,7 @@ class ControlPlane:
         for i, v in enumerate(verdicts):
             if v.commit is None:
                 continue
-            if v.decision.action == Action.ADMIT and now < self._full_until:
+            if v.decision.action == Action.ADMIT and now < self._cache.full_until:
                 continue  # every slot was held a moment ago: not now
             pending.append(i)
         outcomes = self._store.commit([verdicts[i].commit for i in pending])  # type: ignore[misc]
@@ -212,8 +219,10 @@ class ControlPlane:
                     break
                 verdict, outcome = self._again(task, beats[i], now)
             if outcome == Outcome.FULL and self.config.full_backoff_s:
-                self._full_until = now + self.config.full_backoff_s
+                self._cache.full_until = now + self.config.full_backoff_s
             if outcome == Outcome.OK:
+                if verdict.decision.action in (Action.COMPLETE, Action.FAIL):
+                    self._cache.freed()
                 _log(task, beats[i], verdict)
                 if verdict.send:
                     replies[i] = Reply(task)
