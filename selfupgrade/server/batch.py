@@ -73,7 +73,7 @@ class HeartbeatBatcher:
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Answer "no order" to every heartbeat that has waited its deadline (those of the
-        batch being answered, and those waiting for the next); runs every quarter deadline
+        batch being answered, and those waiting for the next); runs every tenth of the deadline
         while batches are being answered, one timer for all of them."""
         too_old = loop.time() - self.deadline_s
         for items in (self._running, self._waiting):
@@ -82,10 +82,10 @@ class HeartbeatBatcher:
                     break  # in arrival order: the rest are younger
                 if not future.done():
                     future.set_result(self._late)
-        self._watchdog = loop.call_later(self.deadline_s / 4, self._watch, loop)
+        self._watchdog = loop.call_later(self.deadline_s / 10, self._watch, loop)
 
     async def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._watchdog = loop.call_later(self.deadline_s / 4, self._watch, loop)
+        self._watchdog = loop.call_later(self.deadline_s / 10, self._watch, loop)
         try:
             while self._waiting:
                 taken = self._waiting[: self._max_batch]

@@ -1,0 +1,92 @@
+"""A store that stops answering: hbs keeps answering, fails closed, and says so.
+
+A real hbs process on a real redis-server of its own; Redis is frozen with SIGSTOP (it keeps
+its connections open and answers nothing, the worst kind of outage), then thawed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from selfupgrade import Heartbeat, UpgradeState, parse_version
+from selfupgrade.testing import RedisServer, find_redis_server
+
+from .fleet import Hbs, wait_until
+
+pytestmark = pytest.mark.real
+
+
+def _timed(fn):  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    result = fn()
+    return result, time.monotonic() - started
+
+
+def _rpc_report(port: int, host: str) -> dict[str, object]:
+    frame = {
+        "method": "Agent.ReportStatus",
+        "params": [{"Hostname": host, "IP": "", "AgentVersion": "1.0", "InUpgrading": False}],
+        "id": 0,
+    }
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(json.dumps(frame).encode() + b"\n")
+        line = sock.makefile("rb").readline()
+    return json.loads(line)  # type: ignore[no-any-return]
+
+
+def test_a_frozen_redis_delays_nothing_but_heartbeats_and_those_by_their_deadline(
+    tmp_path: Path,
+) -> None:
+    if find_redis_server() is None:
+        if os.environ.get("SELFUPGRADE_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is required (SELFUPGRADE_REQUIRE_REDIS=1) but not installed")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    client = httpx.Client(timeout=30, trust_env=False)
+
+    def beat(host: str) -> httpx.Response:
+        wire = Heartbeat(host, parse_version("1.0"), UpgradeState.IDLE).to_wire()
+        return client.post(f"{hbs.url}/selfupgrade/v1/heartbeat", json=wire)
+
+    with RedisServer() as redis, Hbs(redis.url, tmp_path / "hbs.log", queue=5, rpc=True) as hbs:
+        assert redis.pid is not None and hbs.rpc_port is not None
+        for host in ("a", "b"):
+            assert beat(host).json() == {"order": None}
+        body = {"wgeturl": "http://127.0.0.1:9/f", "version": "1.1", "binfile_md5": "0" * 32}
+        assert client.post(f"{hbs.url}/agent/upgrade", json=body).status_code == 200
+        wait_until("an order", lambda: beat("a").json()["order"] is not None)
+
+        os.kill(redis.pid, signal.SIGSTOP)
+        try:
+            health, health_s = _timed(lambda: client.get(f"{hbs.url}/health"))
+            reply, beat_s = _timed(lambda: beat("c"))
+            page, page_s = _timed(lambda: client.get(f"{hbs.url}/"))
+            rpc, rpc_s = _timed(lambda: _rpc_report(hbs.rpc_port, "d"))
+            again, again_s = _timed(lambda: beat("b"))
+        finally:
+            os.kill(redis.pid, signal.SIGCONT)
+        print(
+            f"frozen Redis: /health {health_s:.2f} s, heartbeat {beat_s:.2f} s and "
+            f"{again_s:.2f} s, JSON-RPC {rpc_s:.2f} s, dashboard {page_s:.3f} s"
+        )
+        assert health.status_code == 503 and "store unreachable" in health.text
+        assert health_s < 1.5, health_s  # hbs gives itself 0.8 s
+        # fail closed, within the heartbeat deadline (1 s), on both ports
+        assert reply.status_code == 200 and reply.json() == {"order": None}
+        assert again.json() == {"order": None}
+        assert rpc["result"] == {"code": 0, "Args": None}
+        assert max(beat_s, again_s, rpc_s) < 3.0, (beat_s, again_s, rpc_s)
+        assert page.status_code == 200 and page_s < 1.0, page_s  # needs no store
+
+        # thawed: everything works again
+        wait_until("health", lambda: client.get(f"{hbs.url}/health").status_code == 200)
+        wait_until("an order for b", lambda: beat("b").json()["order"] is not None)
+        assert "store failed" in hbs.log() or "did not answer" in hbs.log()
+    client.close()
