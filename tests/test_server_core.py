@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
 import sqlite3
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,6 @@ from selfupgrade.server import (
 )
 from selfupgrade.server.tasks import HostProgress
 
-from .conftest import make_store
 from .server_helpers import CFG, beat, progress, send, task
 
 

@@ -53,6 +53,29 @@ def state_of(store: Store) -> tuple[object, ...]:
     return (r.fields(), dict(r.counters), r.in_flight, progress, store.members("t1"))
 
 
+def hammer(sample, work, threads: int = 16) -> int:  # type: ignore[no-untyped-def]
+    """Run ``work(seed)`` on ``threads`` threads while ``sample()`` is called in a loop on
+    another; the largest value ``sample`` returned."""
+    stop = threading.Event()
+    peak = 0
+
+    def sampler() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, sample())
+
+    watcher = threading.Thread(target=sampler)
+    watcher.start()
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    watcher.join()
+    return peak
+
+
 def test_a_published_rollout_reads_back(store: Store) -> None:
     t = task(limit=2)
     store.publish(t, {"a": 0, "b": 1}, {"done": 0, "w0:members": 1, "w1:members": 1})
@@ -178,13 +201,6 @@ def test_raw_concurrent_admissions_never_exceed_the_limit(
     limit = 5
     hosts = {f"h{i}": 0 for i in range(64)}
     published(store, limit=limit, **hosts)
-    stop = threading.Event()
-    peak = 0
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, store.rollout("t1", NOW).in_flight)
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
@@ -198,15 +214,7 @@ def test_raw_concurrent_admissions_never_exceed_the_limit(
             else:
                 store.commit([admit(host, read.rev, limit=limit)])
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    workers = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    stop.set()
-    sampler.join()
+    peak = hammer(lambda: store.rollout("t1", NOW).in_flight, worker)
     held = sum(1 for p in store.all_progress("t1") if p.state == HostState.ADMITTED)
     assert 0 < peak <= limit, peak
     assert held == store.rollout("t1", NOW).in_flight <= limit
@@ -230,14 +238,9 @@ def test_admission_through_the_rulebook_is_atomic_under_concurrent_heartbeats(
     plane = ControlPlane(store, PlaneConfig(task_cache_s=0), clock=Clock())
     limit = 7
     plane.commands.publish(task(limit=limit, lease_s=1e9))
-    stop = threading.Event()
-    peak = 0
 
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            holders = sum(1 for p in store.all_progress("t1") if p.state == "admitted")
-            peak = max(peak, holders)
+    def holders() -> int:
+        return sum(1 for p in store.all_progress("t1") if p.state == "admitted")
 
     def fleet(seed: int) -> None:
         rng = random.Random(seed)
@@ -248,15 +251,7 @@ def test_admission_through_the_rulebook_is_atomic_under_concurrent_heartbeats(
             else:
                 send(plane, beat(h, state=rng.choice([S.IDLE, S.DOWNLOADING])))
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    workers = [threading.Thread(target=fleet, args=(i,)) for i in range(16)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    stop.set()
-    sampler.join()
+    peak = hammer(holders, fleet)
     final = store.rollout("t1", NOW)
     store.close()
     assert 0 < peak <= limit, f"{peak} hosts held a slot at once (limit {limit})"

@@ -9,23 +9,18 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from ..models import Release, parse_version
 from . import rules
 from ._fields import FieldError
 from ._retry import commit_until_settled
+from .context import PlaneJob
 from .effects import Commit, Outcome
-from .fleet import FleetView
 from .plan import Plan, Wave, assign_waves
 from .rollouts import rollout_from_json
-from .stores.base import Store
-from .tasks import HostState, Status, Task, TaskLimits, task_from_seed
-
-if TYPE_CHECKING:
-    from .plane import RolloutCache
+from .tasks import HostState, Status, Task, task_from_seed
 
 __all__ = ["Commands", "NoSuchRollout"]
 
@@ -41,22 +36,8 @@ class NoSuchRollout(FieldError):
         super().__init__("id", f"no rollout {task_id}")
 
 
-class Commands:
+class Commands(PlaneJob):
     """What an operator can do to rollouts."""
-
-    def __init__(
-        self,
-        store: Store,
-        fleet: FleetView,
-        cache: RolloutCache,
-        limits: TaskLimits,
-        clock: Callable[[], float],
-    ) -> None:
-        self._store = store
-        self._fleet = fleet
-        self._cache = cache
-        self._limits = limits
-        self._clock = clock
 
     def publish(self, task: Task, members: Mapping[str, int] | None = None) -> Task:
         """Start ``task``; the rollout active until now is cancelled.
@@ -108,7 +89,7 @@ class Commands:
         Raises:
             FieldError: naming the invalid field.
         """
-        return self.publish(task_from_seed(body, limits=self._limits, now=self._clock()))
+        return self.publish(task_from_seed(body, limits=self._config.limits, now=self._clock()))
 
     def publish_rollout(self, body: object) -> Task:
         """Publish a rollout from the rollouts API's body (a release and a plan).
@@ -116,7 +97,7 @@ class Commands:
         Raises:
             FieldError: naming the invalid field.
         """
-        return self.publish(rollout_from_json(body, self._limits, self._clock()))
+        return self.publish(rollout_from_json(body, self._config.limits, self._clock()))
 
     def cancel(self) -> Task | None:
         """Cancel the active rollout (the falcon API's DELETE): it is aborted, its slots are

@@ -18,21 +18,17 @@ rollout rule: it compares, adds counters, sets fields and keeps leases.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tasks import HostProgress, Status
+from .tasks import HostProgress, Status, TextEnum
 
 __all__ = ["Commit", "Guard", "HostWrite", "Outcome"]
 
 
-class Outcome(str, enum.Enum):
+class Outcome(TextEnum):
     """A store's answer to one commit."""
-
-    def __str__(self) -> str:
-        return self.value
 
     OK = "ok"
     FULL = "full"

@@ -8,40 +8,24 @@ and move the rollout on (:func:`~selfupgrade.server.rules.advance`: bake, promot
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from . import rules
 from ._retry import commit_until_settled
+from .context import PlaneContext, PlaneJob
 from .effects import Commit, Outcome
-from .fleet import FleetView
-from .stores.base import Store, StoreError
+from .stores.base import StoreError
 from .tasks import RolloutState, Task
-
-if TYPE_CHECKING:
-    from .plane import RolloutCache
 
 __all__ = ["Housekeeping"]
 
 log = logging.getLogger("selfupgrade.server")
 
 
-class Housekeeping:
+class Housekeeping(PlaneJob):
     """Periodic work over a store; see the module docstring."""
 
-    def __init__(
-        self,
-        store: Store,
-        fleet: FleetView,
-        cache: RolloutCache,
-        lost_after_leases: float,
-        clock: Callable[[], float],
-    ) -> None:
-        self._store = store
-        self._fleet = fleet
-        self._cache = cache
-        self._lost_after = lost_after_leases
-        self._clock = clock
+    def __init__(self, context: PlaneContext) -> None:
+        super().__init__(context)
         self._silent: tuple[str, int, float, list[str]] = ("", -1, -1e18, [])
 
     def tick(self) -> None:
@@ -111,10 +95,14 @@ class Housekeeping:
                 for host, w in self._store.members(task.id).items()
                 if w == wave
                 and host not in settled
-                and rules.is_lost(task, last.get(host), now, self._lost_after)
+                and rules.is_lost(task, last.get(host), now, self._config.lost_after_leases)
             ]
             self._silent = (task.id, wave, now, silent)
-        still = [h for h in silent if rules.is_lost(task, last.get(h), now, self._lost_after)]
+        still = [
+            h
+            for h in silent
+            if rules.is_lost(task, last.get(h), now, self._config.lost_after_leases)
+        ]
         if not still:
             return 0
         return sum(1 for r in self._store.read(task.id, still) if not rules.settled(r.progress))

@@ -36,14 +36,13 @@ pause, resume, abort (:func:`change_status`); a host that appears after the star
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from ..models import Heartbeat, UpgradeState
 from .effects import Commit, Guard, HostWrite
 from .plan import Plan
-from .tasks import HostProgress, HostRead, HostState, RolloutState, Status, Task
+from .tasks import HostProgress, HostRead, HostState, RolloutState, Status, Task, TextEnum
 
 __all__ = [
     "ADMITTING",
@@ -97,11 +96,8 @@ STATUS_CHANGES: Mapping[Status, frozenset[Status]] = {
 """For each status a rollout may be set to by a command, the statuses it may be set from."""
 
 
-class Action(str, enum.Enum):
+class Action(TextEnum):
     """What a heartbeat means for its host."""
-
-    def __str__(self) -> str:
-        return self.value
 
     NOTHING = "nothing"
     ADMIT = "admit"

@@ -44,17 +44,22 @@ __all__ = [
     "Status",
     "Task",
     "TaskLimits",
+    "TextEnum",
     "WaveCounters",
     "seed_args",
     "task_from_seed",
 ]
 
 
-class Status(str, enum.Enum):
-    """A rollout's status."""
+class TextEnum(str, enum.Enum):
+    """An enum whose members are their text (``str()`` and JSON give the value)."""
 
     def __str__(self) -> str:
-        return self.value
+        return str(self.value)
+
+
+class Status(TextEnum):
+    """A rollout's status."""
 
     ACTIVE = "active"
     """Admits hosts."""
@@ -228,11 +233,8 @@ class Task:
         )
 
 
-class HostState(str, enum.Enum):
+class HostState(TextEnum):
     """Where one host stands in one rollout."""
-
-    def __str__(self) -> str:
-        return self.value
 
     ADMITTED = "admitted"
     """Holds an upgrade slot (a lease)."""

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import rules
-from .fleet import FleetView
-from .stores.base import Store
+from .context import PlaneJob
 from .tasks import HostProgress, HostSeen, HostState, RolloutState, Status, Task
-
-if TYPE_CHECKING:
-    from .plane import RolloutCache
 
 __all__ = [
     "STATES",
@@ -243,25 +239,11 @@ class MetricsSnapshot:
     store: Mapping[str, float]
 
 
-class Views:
+class Views(PlaneJob):
     """Reads what the views need from the store and the fleet view.
 
     Every method may raise :class:`~selfupgrade.server.stores.base.StoreError`.
     """
-
-    def __init__(
-        self,
-        store: Store,
-        fleet: FleetView,
-        cache: RolloutCache,
-        lost_after_leases: float,
-        clock: Callable[[], float],
-    ) -> None:
-        self._store = store
-        self._fleet = fleet
-        self._cache = cache
-        self._lost_after = lost_after_leases
-        self._clock = clock
 
     def active(self) -> tuple[Task, RolloutState] | None:
         """The active rollout and its state, fresh from the store."""
@@ -297,7 +279,7 @@ class Views:
             self._fleet.all(),
             self._fleet.last_beats(),
             now,
-            self._lost_after,
+            self._config.lost_after_leases,
         )
 
     def bad_versions(self) -> dict[str, str]:

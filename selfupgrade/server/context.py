@@ -1,0 +1,117 @@
+"""What the control plane's jobs share: the store, the fleet view, the cached active rollout,
+the settings and the clock (one :class:`PlaneContext`, handed to each job)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .fleet import FleetView
+from .stores.base import Store
+from .tasks import RolloutState, Task, TaskLimits
+
+__all__ = ["PlaneConfig", "PlaneContext", "PlaneJob", "RolloutCache"]
+
+
+@dataclass(frozen=True)
+class PlaneConfig:
+    """Settings of the control plane.
+
+    Attributes:
+        limits: limits of tasks published through the falcon API, and defaults for rollouts.
+        task_cache_s: how long the active rollout and its state read from the store are
+            reused by the heartbeat path (a rollout published on another replica is seen
+            within that time; every commit re-checks what it assumed).
+        lost_after_leases: a member silent for this many lease times is counted as lost (its
+            wave can settle without it).
+        seen_save_s: a heartbeat that changes nothing but the host's last-seen time is
+            written to the store at most once per this time (see
+            :mod:`~selfupgrade.server.fleet`).
+        full_backoff_s: after the store refused an admission (every slot held), answer
+            admissions "not now" without asking the store, until this plane frees a slot
+            (a host finished or failed, a lease expired, a command) or for at most this long
+            (a slot freed by another hbs replica waits that long). It spares most
+            heartbeats of a large wave a commit. 0 asks the store every time.
+    """
+
+    limits: TaskLimits = field(default_factory=TaskLimits)
+    task_cache_s: float = 1.0
+    lost_after_leases: float = 3.0
+    seen_save_s: float = 300.0
+    full_backoff_s: float = 0.2
+
+
+class RolloutCache:
+    """The active rollout and its state, read from the store at most every ``ttl_s``."""
+
+    def __init__(self, store: Store, ttl_s: float) -> None:
+        self._store = store
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._value: tuple[Task, RolloutState] | None = None
+        self._read_at = -math.inf
+        self.full_until = -math.inf
+        """Until when admissions are answered "not now" without asking the store."""
+
+    def get(self, now: float) -> tuple[Task, RolloutState] | None:
+        """The active rollout and its state.
+
+        Raises:
+            StoreError: the store failed.
+        """
+        if now - self._read_at < self._ttl_s:
+            return self._value
+        task_id = self._store.active_id()
+        task = self._store.task(task_id) if task_id is not None else None
+        value = (task, self._store.rollout(task.id, now)) if task is not None else None
+        with self._lock:
+            self._value, self._read_at = value, now
+        return value
+
+    def update(self, task: Task, rollout: RolloutState) -> None:
+        """A fresher state of ``task``, read by someone else."""
+        with self._lock:
+            if self._value is not None and self._value[0].id == task.id:
+                self._value = (task, rollout)
+
+    def forget(self) -> None:
+        """Read again at the next :meth:`get` (a command changed the rollout)."""
+        with self._lock:
+            self._read_at = -math.inf
+            self.full_until = -math.inf
+
+    def freed(self) -> None:
+        """A slot was freed here: admissions may succeed again."""
+        self.full_until = -math.inf
+
+
+@dataclass(frozen=True)
+class PlaneContext:
+    """The parts every job of the plane works with.
+
+    Attributes:
+        store: where the state lives.
+        fleet: the fleet view.
+        cache: the active rollout, as the heartbeat path reads it.
+        config: the plane's settings.
+        clock: wall-clock time (a virtual one in the simulator).
+    """
+
+    store: Store
+    fleet: FleetView
+    cache: RolloutCache
+    config: PlaneConfig
+    clock: Callable[[], float]
+
+
+class PlaneJob:
+    """A job of the plane (commands, views, housekeeping), over the shared context."""
+
+    def __init__(self, context: PlaneContext) -> None:
+        self._store = context.store
+        self._fleet = context.fleet
+        self._cache = context.cache
+        self._config = context.config
+        self._clock = context.clock
