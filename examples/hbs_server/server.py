@@ -169,6 +169,11 @@ async def serve(cfg: Config) -> None:
     # request for about 0.1 s per 600,000 hosts.
     gc.collect()
     gc.freeze()
+    # A heartbeat leaves almost nothing behind, but a publish of 600,000 members allocates
+    # millions of objects at once: with the default thresholds, the full collections that
+    # follow (each scanning everything not frozen) stopped every request for 50-200 ms
+    # (measured with bench/hbs_heartbeat.py). Fewer, later collections.
+    gc.set_threshold(100_000, 50, 100)
     needs_token = bool(cfg.app.agent_token or cfg.app.agent_tokens)
     # One batcher for both ports: heartbeats from HTTP and JSON-RPC agents share batches.
     beats = HeartbeatBatcher(plane.answer)
