@@ -268,3 +268,36 @@ def test_open_store_names_what_it_accepts(tmp_path: Path) -> None:
         open_store("sqlite:")
     with pytest.raises(ValueError, match="is not one of memory:, sqlite:PATH"):
         open_store("postgres://db/hbs")
+
+
+def test_the_rulebook_does_no_io_and_the_stores_know_no_rule() -> None:
+    """Each rule lives once: the rulebook imports no I/O, clock or store; no store, and no
+    front end, imports the rulebook."""
+    import ast
+
+    import selfupgrade.server as server
+
+    root = Path(server.__file__).parent
+
+    def imports(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or ""))
+        return names
+
+    rulebook = imports(root / "rules.py")
+    assert rulebook <= {
+        "__future__",
+        "enum",
+        "collections.abc",
+        "dataclasses",
+        "..models",
+        ".effects",
+        ".plan",
+        ".tasks",
+    }, rulebook
+    for path in [*(root / "stores").glob("*.py"), root / "app.py", root / "falcon_rpc.py"]:
+        assert not {".rules", "..rules", "rules"} & imports(path), path

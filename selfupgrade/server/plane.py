@@ -116,8 +116,9 @@ class ControlPlane:
                 return [NO_ORDER] * len(beats)
             task, rollout = current
             reads = self._store.read(task.id, [b.host for b in beats])
+            free = now >= self._cache.full_until
             verdicts = [
-                rules.on_heartbeat(task, rollout, b, r, now)
+                rules.on_heartbeat(task, rollout, b, r, now, slot_may_be_free=free)
                 for b, r in zip(beats, reads, strict=True)
             ]
             return self._commit(task, beats, verdicts, now)
@@ -133,8 +134,6 @@ class ControlPlane:
         for i, v in enumerate(verdicts):
             if v.commit is None:
                 continue
-            if v.decision.action == Action.ADMIT and now < self._cache.full_until:
-                continue  # every slot was held a moment ago: not now
             pending.append(i)
         outcomes = self._store.commit([verdicts[i].commit for i in pending])  # type: ignore[misc]
         for i, first in zip(pending, outcomes, strict=True):

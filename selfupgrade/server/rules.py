@@ -138,6 +138,9 @@ class Verdict:
     send: bool = False
 
 
+NO_VERDICT = Verdict(NOTHING)
+
+
 # ---- admission -----------------------------------------------------------------------------
 
 
@@ -212,16 +215,29 @@ def _reports_new_failure(task: Task, beat: Heartbeat, progress: HostProgress) ->
 
 
 def on_heartbeat(
-    task: Task, rollout: RolloutState, beat: Heartbeat, read: HostRead, now: float
+    task: Task,
+    rollout: RolloutState,
+    beat: Heartbeat,
+    read: HostRead,
+    now: float,
+    *,
+    slot_may_be_free: bool = True,
 ) -> Verdict:
-    """The verdict on one heartbeat: :func:`decide`, and the commit that carries it out."""
+    """The verdict on one heartbeat: :func:`decide`, and the commit that carries it out.
+
+    Args:
+        slot_may_be_free: ``False`` when the caller knows every slot is held (the store
+            refused an admission a moment ago): an admission is then not even tried.
+    """
     wave = read.wave
     joining = wave is None
     if wave is None:
         if not may_join(task, beat):
-            return Verdict(NOTHING)
+            return NO_VERDICT
         wave = len(task.effective_plan.waves) - 1
     decision = decide(task, beat, read.progress, now, may_admit=admits(task, rollout, wave, now))
+    if decision.action == Action.ADMIT and not slot_may_be_free and not joining:
+        return NO_VERDICT
     commit = _carry_out(task, rollout, decision, beat, read, wave, now)
     if joining:
         base = commit or Commit(task.id, now)
