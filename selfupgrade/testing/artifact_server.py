@@ -76,11 +76,15 @@ class ArtifactServer(ThreadedHttpServer):
 
     Attributes:
         requests: every request served, in order.
+        active: requests being served now.
+        peak_active: the most requests served at once so far (concurrent downloads).
     """
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._entries: dict[str, _Entry] = {}
         self.requests: list[ServedRequest] = []
+        self.active = 0
+        self.peak_active = 0
         super().__init__(host, _handler_for(self))
 
     def url(self, name: str) -> str:
@@ -124,6 +128,11 @@ class ArtifactServer(ThreadedHttpServer):
                 entry.drops_left -= 1
             return entry.data, entry.fault, drop
 
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.active += delta
+            self.peak_active = max(self.peak_active, self.active)
+
     def _record(self, request: ServedRequest) -> None:
         with self._lock:
             self.requests.append(request)
@@ -141,6 +150,7 @@ def _handler_for(owner: ArtifactServer) -> type[http.server.BaseHTTPRequestHandl
             self.do_GET()
 
         def do_GET(self) -> None:
+            owner._count(+1)
             try:
                 self._serve()
             except (TimeoutError, BrokenPipeError, ConnectionResetError):
@@ -148,6 +158,8 @@ def _handler_for(owner: ArtifactServer) -> type[http.server.BaseHTTPRequestHandl
             except Exception as exc:
                 owner._error(exc)
                 raise
+            finally:
+                owner._count(-1)
 
         def _serve(self) -> None:
             path = self.path.split("?", 1)[0]
