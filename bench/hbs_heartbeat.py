@@ -108,7 +108,7 @@ def measure(
         "--log-level",
         "warning",
     ]
-    trips = [0.0]
+    trips = 0.0
     with process(pinned(argv, SERVER_CPU), log=log) as proc:
         started = time.monotonic()
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=300, proc=proc, log=log)
@@ -150,7 +150,7 @@ def measure(
                 ],
             )
             after = _commands(redis)
-            trips[0] += _round_trips(port) - trips_before
+            trips += _round_trips(port) - trips_before
             for res in (noop, beat):
                 _check(res)
             o, r, f = (int(x.split("=")[1]) for x in _rollout_line(beat).split()[1:])
@@ -211,7 +211,7 @@ def measure(
         report(f"[{label}] Redis commands sent per heartbeat", sent / answered, "commands")
         report(
             f"[{label}] round trips to Redis per heartbeat (hbs's count)",
-            trips[0] / answered,
+            trips / answered,
             "round trips",
             target="<= 1",
         )

@@ -288,9 +288,9 @@ def test_unchanged_heartbeats_are_written_once_per_seen_save_s_spread_over_it() 
     assert store.writes[-1] == (clock.now, "h0001")
 
 
-def test_a_rollouts_members_are_stored_before_it_is_published(tmp_path: Path) -> None:
-    """SQLite writes a large rollout's members in chunks before the rollout's own row; the
-    members of a rollout whose row never came (hbs stopped in between) are dropped at load."""
+def test_members_of_a_rollout_whose_row_never_came_are_dropped_at_load(tmp_path: Path) -> None:
+    """A large rollout's 25,000 members read back after a restart; members written for a
+    rollout whose own row never came (hbs stopped in between) are dropped at load."""
     clock = Clock()
     store = SqliteStore(tmp_path / "hbs.db")
     members = {f"h{i:05d}": 0 for i in range(25_000)}

@@ -56,8 +56,6 @@ class HeartbeatBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._late = Reply(error=f"the store did not answer within {deadline_s:g} s")
         self._busy = Reply(error="too many heartbeats are waiting for the store")
-        self.batches = 0
-        self.answered = 0
 
     async def answer(self, beat: Heartbeat) -> Reply:
         """The reply to ``beat``, within :attr:`deadline_s`."""
@@ -102,8 +100,6 @@ class HeartbeatBatcher:
                 except Exception:
                     log.exception("answering %d heartbeat(s) failed", len(beats))
                     replies = [Reply(error="internal error")] * len(beats)
-                self.batches += 1
-                self.answered += len(beats)
                 for (_, future, _), reply in zip(self._running, replies, strict=True):
                     if not future.done():
                         future.set_result(reply)

@@ -55,13 +55,13 @@ class RolloutCache:
         self.full_until = -math.inf
         """Until when admissions are answered "not now" without asking the store."""
 
-    def get(self, now: float) -> tuple[Task, RolloutState] | None:
-        """The active rollout and its state.
+    def get(self, now: float, *, fresh: bool = False) -> tuple[Task, RolloutState] | None:
+        """The active rollout and its state (``fresh``: read now, whatever the cache holds).
 
         Raises:
             StoreError: the store failed.
         """
-        if now - self._read_at < self._ttl_s:
+        if not fresh and now - self._read_at < self._ttl_s:
             return self._value
         task_id = self._store.active_id()
         task = self._store.task(task_id) if task_id is not None else None

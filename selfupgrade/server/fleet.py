@@ -88,11 +88,6 @@ class FleetView:
             self._seen[host] = seen
             self._dirty[host] = seen
 
-    def last_seen(self, host: str) -> float | None:
-        """When this process last heard from ``host`` (``None``: never, since it started and
-        not before, as far as the store said at start)."""
-        return self._last_beat.get(host)
-
     def last_beats(self) -> Mapping[str, float]:
         """Host -> when this process last heard from it (a live mapping: read, do not keep)."""
         return self._last_beat

@@ -130,13 +130,9 @@ class ControlPlane:
         self, task: Task, beats: Sequence[Heartbeat], verdicts: list[Verdict], now: float
     ) -> list[Reply]:
         replies = [NO_ORDER] * len(beats)
-        pending = []
-        for i, v in enumerate(verdicts):
-            if v.commit is None:
-                continue
-            pending.append(i)
-        outcomes = self._store.commit([verdicts[i].commit for i in pending])  # type: ignore[misc]
-        for i, first in zip(pending, outcomes, strict=True):
+        pending = [(i, v.commit) for i, v in enumerate(verdicts) if v.commit is not None]
+        outcomes = self._store.commit([commit for _, commit in pending])
+        for (i, _), first in zip(pending, outcomes, strict=True):
             verdict: Verdict = verdicts[i]
             outcome: Outcome | None = first
             for _ in range(TRIES):
@@ -168,10 +164,6 @@ class ControlPlane:
     def tick(self) -> None:
         """Periodic work: flush the fleet view, expire leases, bake and promote waves."""
         self.housekeeping.tick()
-
-    def now(self) -> float:
-        """The plane's time (a virtual one in the simulator)."""
-        return self._clock()
 
 
 def _log(task: Task, beat: Heartbeat, verdict: Verdict) -> None:

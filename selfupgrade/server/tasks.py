@@ -35,6 +35,7 @@ from .plan import Plan
 
 __all__ = [
     "NO_ROLLOUT",
+    "ROLLOUT_FIELDS",
     "FieldError",
     "HostProgress",
     "HostRead",
@@ -415,14 +416,12 @@ class RolloutState:
         return tuple(out)
 
     def fields(self) -> dict[str, Any]:
-        """The fields a commit may guard or set, by name."""
-        return {
-            "status": self.status,
-            "halt_reason": self.halt_reason,
-            "wave": self.wave,
-            "wave_done_at": self.wave_done_at,
-        }
+        """The fields a commit may guard or set (:data:`ROLLOUT_FIELDS`), by name."""
+        return {name: getattr(self, name) for name in ROLLOUT_FIELDS}
 
+
+ROLLOUT_FIELDS = ("status", "halt_reason", "wave", "wave_done_at")
+"""The fields of a rollout's state a commit may guard or set (:meth:`RolloutState.fields`)."""
 
 NO_ROLLOUT = RolloutState(status=Status.CANCELLED)
 """What a store answers for a rollout it does not hold."""

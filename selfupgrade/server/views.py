@@ -247,8 +247,7 @@ class Views(PlaneJob):
 
     def active(self) -> tuple[Task, RolloutState] | None:
         """The active rollout and its state, fresh from the store."""
-        self._cache.forget()
-        return self._cache.get(self._clock())
+        return self._cache.get(self._clock(), fresh=True)
 
     def versions(self) -> dict[str, str]:
         """``{host: version}`` of every host seen, here or by another replica."""

@@ -88,8 +88,6 @@ if c.deactivate and redis.call('GET', active) == c.id then redis.call('DEL', act
 return 'ok'
 """
 
-_FIELDS = ("status", "halt_reason", "wave", "wave_done_at")
-
 
 def _text(value: object) -> str:
     """A rollout field as the script compares and stores it."""
@@ -273,9 +271,9 @@ class RedisStore:
             "id": c.task_id,
             "now": repr(c.now),
             "statuses": [s.value for s in g.statuses] if g.statuses is not None else None,
-            "fields": {k: _text(v) for k, v in g.fields.items()} or _EMPTY,
-            "counters": dict(g.counters) or _EMPTY,
-            "join": dict(c.join) or _EMPTY,
+            "fields": {k: _text(v) for k, v in g.fields.items()},
+            "counters": dict(g.counters),
+            "join": dict(c.join),
             "writes": [
                 {
                     "host": w.host,
@@ -288,8 +286,8 @@ class RedisStore:
             ],
             "takes": c.takes,
             "limit": c.slot_limit,
-            "add": dict(c.add) or _EMPTY,
-            "set": {k: _text(v) for k, v in c.set.items()} or _EMPTY,
+            "add": dict(c.add),
+            "set": {k: _text(v) for k, v in c.set.items()},
             "deactivate": c.deactivate,
         }
         if spec["statuses"] is None:
@@ -330,9 +328,6 @@ class RedisStore:
     def close(self) -> None:
         """Close the connection pool."""
         self._r.close()
-
-
-_EMPTY: dict[str, Any] = {}
 
 
 def _progress(raw: str) -> HostProgress:

@@ -24,7 +24,16 @@ from pathlib import Path
 import filelock
 
 from ..effects import Commit, Outcome
-from ..tasks import NO_ROLLOUT, HostProgress, HostRead, HostSeen, RolloutState, Status, Task
+from ..tasks import (
+    NO_ROLLOUT,
+    ROLLOUT_FIELDS,
+    HostProgress,
+    HostRead,
+    HostSeen,
+    RolloutState,
+    Status,
+    Task,
+)
 from .base import StoreError
 
 __all__ = ["SqliteStore"]
@@ -65,7 +74,6 @@ CREATE TABLE IF NOT EXISTS hosts (host TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS bad_versions (version TEXT PRIMARY KEY, reason TEXT NOT NULL);
 """
 
-_FIELDS = ("status", "halt_reason", "wave", "wave_done_at")
 _CHUNK = 500
 _MEMBERS_CHUNK = 10_000
 _CHECKPOINT_S = 1.0
@@ -290,7 +298,7 @@ class SqliteStore:
         ).fetchone()
         if row is None:
             raise _Stale(Outcome.STALE)
-        fields = dict(zip(_FIELDS, row, strict=True))
+        fields = dict(zip(ROLLOUT_FIELDS, row, strict=True))
         g = c.guard
         if g.statuses is not None and fields["status"] not in {s.value for s in g.statuses}:
             raise _Stale(Outcome.STALE)
@@ -356,8 +364,8 @@ class SqliteStore:
                 (c.task_id, k, delta),
             )
         for k, v in c.set.items():
-            if k not in _FIELDS:
-                raise ValueError(f"a commit may set {_FIELDS}, not {k!r}")
+            if k not in ROLLOUT_FIELDS:
+                raise ValueError(f"a commit may set {ROLLOUT_FIELDS}, not {k!r}")
             db.execute(
                 f"UPDATE rollouts SET {k} = ? WHERE id = ?",  # noqa: S608 - k is one of _FIELDS
                 (v.value if isinstance(v, Status) else v, c.task_id),
