@@ -71,7 +71,11 @@ class Hbs:
             "info",
         ]
         for key, value in self.limits.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
+            flag = f"--{key.replace('_', '-')}"
+            if value is True:
+                args.append(flag)  # a switch, e.g. no_artifact_check=True
+            elif value is not False:
+                args += [flag, str(value)]
         if self.tls:
             args += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         with open(self.log_path, "ab") as log:

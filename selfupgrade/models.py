@@ -423,6 +423,13 @@ class Heartbeat:
         failures: how many attempts at ``failed_version`` failed so far; a server compares it
             with the count it saw when it admitted the host, to tell a new failure from the
             report of an old one.
+        reports_state: the agent reports its state, errors and file digests (every agent
+            built on selfupgrade does). ``False`` for an unmodified falcon agent, which sends
+            only its version and whether a download is running: the server must then infer
+            what happened from ``process`` and the version.
+        process: which process of the agent sent the beat, as the server's front end tells
+            it (``"<listener>/<n>"``; ``""``: unknown). Set by the server, never sent by an
+            agent: :meth:`to_wire` leaves it and ``reports_state`` out.
     """
 
     host: str
@@ -435,6 +442,8 @@ class Heartbeat:
     files: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     confirmed: bool = True
     failures: int = 0
+    reports_state: bool = True
+    process: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object sent to the server."""

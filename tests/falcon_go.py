@@ -85,32 +85,55 @@ class GoFleet:
         self.names = [f"n0-000-{i:03d}" for i in range(1, n + 1)]
         self.workdir = workdir
         self.sup = Supervisord(workdir / "supervisor")
+        self.rpc_port = rpc_port
+        self.cfg = self.config()
         for name in self.names:
             home = self.home(name)
             home.mkdir(parents=True)
             shutil.copy(binary, home / "falcon-agent")
             (home / "falcon-agent").chmod(0o755)
-            cfg = {
-                "debug": True,
-                "hostname": name,
-                "ip": "",
-                "heartbeat": {
-                    "enabled": True,
-                    "addr": f"127.0.0.1:{rpc_port}",
-                    "interval": 5,
-                    "timeout": 1000,
-                },
-                "plugin": {"enabled": False},
-                "transfer": {"enabled": False, "addrs": []},
-                "http": {"enabled": False, "listen": ""},
-                "app_base_dir": str(home),
-            }
-            (home / "cfg.json").write_text(json.dumps(cfg))
+            (home / "cfg.json").write_bytes(self.cfg)
             self.sup.add_program(
                 name,
                 [str(home / "falcon-agent"), "-c", str(home / "cfg.json")],
                 directory=home,
+                # the name from the environment, so that one cfg.json (a config task's) fits all
+                env={"FALCON_ENDPOINT": name},
             )
+
+    def config(self, **changes: object) -> bytes:
+        """A ``cfg.json`` every agent of the fleet can run with (``changes``: top-level keys).
+
+        ``app_base_dir`` is ``.``: supervisord starts each agent in its own directory, where
+        the upgrade replaces ``./falcon-agent`` and ``./cfg.json``.
+        """
+        cfg = {
+            "debug": True,
+            "hostname": "",
+            "ip": "",
+            "heartbeat": {
+                "enabled": True,
+                "addr": f"127.0.0.1:{self.rpc_port}",
+                "interval": 5,
+                "timeout": 1000,
+            },
+            "plugin": {"enabled": False},
+            "transfer": {"enabled": False, "addrs": []},
+            "http": {"enabled": False, "listen": ""},
+            "app_base_dir": ".",
+            **changes,
+        }
+        return json.dumps(cfg).encode()
+
+    def orders(self, name: str) -> int:
+        """How many upgrade orders the agent took (from its own log, every start together)."""
+        return self.output(name).count("AgentSelfUpgrade_channel")
+
+    def output(self, name: str) -> str:
+        """What the agent printed, every start together."""
+        return "".join(
+            p.read_text(errors="replace") for p in sorted(self.sup.workdir.glob(f"{name}*.log"))
+        )
 
     def home(self, name: str) -> Path:
         """The agent's ``app_base_dir``."""

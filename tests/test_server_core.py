@@ -113,7 +113,9 @@ def test_a_lost_host_releases_only_its_own_slot(store) -> None:  # type: ignore[
     assert send(plane, beat("other")) is None  # busy still holds its slot
     plane.tick()  # housekeeping fails the attempt whose lease ran out
     lost = progress(store, "t1", "lost")
-    assert lost.state == "backoff" and lost.attempts == 1 and "lease" in lost.reason
+    assert lost.state == "backoff" and lost.attempts == 1
+    assert lost.reason == "silent since the order: no heartbeat within 30 s"
+    assert store.rollout("t1", clock.now).silent == 1
     assert progress(store, "t1", "busy").state == "admitted"
 
 
@@ -152,24 +154,39 @@ def test_the_task_halts_at_the_failure_limit(store) -> None:  # type: ignore[no-
     assert store.rollout("t1", 1000.0).done == 1  # hosts already on their way may finish
 
 
-def test_cancel_frees_every_slot(store) -> None:  # type: ignore[no-untyped-def]
-    plane = plane_with(store)
-    plane.commands.publish(task(limit=3))
+def test_cancel_stops_admission_and_keeps_the_slots_of_hosts_still_upgrading(
+    store,
+) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock()
+    plane = plane_with(store, clock)
+    plane.commands.publish(task(limit=3, lease_s=30))
     for h in "abc":
         send(plane, beat(h))
     assert plane.commands.cancel() is not None
     assert store.active_id() is None
-    assert store.rollout("t1", 1000.0).in_flight == 0
+    assert store.rollout("t1", clock.now).in_flight == 3  # they may still be downloading
+    assert {progress(store, "t1", h).state for h in "abc"} == {"backoff"}
     assert send(plane, beat("d")) is None
+    # a rollout published now counts them: 3 slots of 3 are taken until their leases end
+    plane.commands.publish(task("1.2", limit=3, task_id="t2"))
+    assert store.task("t2").shares_slots_with == ("t1",)
+    assert send(plane, beat("d")) is None
+    assert send(plane, beat("a")) is None  # still upgrading for t1: not ordered again
+    clock.now += 31
+    assert store.rollout("t1", clock.now).in_flight == 0
+    assert send(plane, beat("d")) is not None
 
 
 def test_publishing_a_new_task_cancels_the_old(store) -> None:  # type: ignore[no-untyped-def]
-    plane = plane_with(store)
-    plane.commands.publish(task(limit=1))
+    clock = Clock()
+    plane = plane_with(store, clock)
+    plane.commands.publish(task(limit=1, lease_s=30))
     send(plane, beat("a"))
     plane.commands.publish(task("1.2", limit=1, task_id="t2"))
-    assert store.rollout("t1", 1000.0).status == "cancelled"
-    assert send(plane, beat("b")) is not None  # t1's slot no longer counts
+    assert store.rollout("t1", clock.now).status == "cancelled"
+    assert send(plane, beat("b")) is None  # a is still upgrading for t1: its slot counts
+    clock.now += 31
+    assert send(plane, beat("b")) is not None  # t1's lease is over
 
 
 def test_sqlite_store_survives_a_restart(tmp_path: Path) -> None:

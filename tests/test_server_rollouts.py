@@ -258,16 +258,22 @@ def test_pause_then_resume_continues(store) -> None:  # type: ignore[no-untyped-
     assert store.rollout(r.id, clock.now).done == 3
 
 
-def test_abort_frees_slots_and_admits_nobody(store) -> None:  # type: ignore[no-untyped-def]
+def test_abort_admits_nobody_and_orders_nobody_again(store) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     plane = fleet_plane(store, clock)
     r = plane.commands.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 3}]}))
-    admitted_now(plane)
+    first = admitted_now(plane)
+    assert len(first) == 3
     assert plane.commands.control(r.id, "abort", "bad idea")
     c = store.rollout(r.id, clock.now)
-    assert (c.status, c.in_flight, c.halt_reason) == ("aborted", 0, "bad idea")
+    # the hosts mid-upgrade keep their slots until their leases end
+    assert (c.status, c.in_flight, c.halt_reason) == ("aborted", 3, "bad idea")
     assert admitted_now(plane) == set()
     assert not plane.commands.control(r.id, "resume")
+    clock.now += r.limits.lease_s + 1
+    plane.tick()  # the leases of hosts no longer admitted are dropped
+    assert store.rollout(r.id, clock.now).in_flight == 0
+    assert store.due(r.id, clock.now) == []
 
 
 def test_a_closed_window_admits_nobody(store) -> None:  # type: ignore[no-untyped-def]

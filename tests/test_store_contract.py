@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,32 @@ def test_the_slot_guard_counts_live_leases_only(store: Store) -> None:
     # a host that holds a live lease cannot take a second slot
     again = Commit("t1", NOW, admit("b", rev=1).writes, slot_limit=10)
     assert store.commit([again]) == [Outcome.FULL]
+
+
+def test_slots_shared_with_another_rollout_and_given_back_by_a_host_done_with_it(
+    store: Store,
+) -> None:
+    old = task(limit=2, task_id="t0")
+    store.publish(old, {"a": 0, "b": 0}, {"w0:members": 2})
+    p = HostProgress("a", HostState.ADMITTED, lease_until=NOW + 30)
+    assert store.commit(
+        [Commit("t0", NOW, (HostWrite(p, 0, NOW + 30, takes_slot=True),), slot_limit=2)]
+    ) == [Outcome.OK]
+    published(store, limit=1)
+    shared = ("t1", "t0")
+    b = Commit("t1", NOW, admit("b", limit=1).writes, slot_limit=1, slot_pools=shared)
+    assert store.commit([b]) == [Outcome.FULL]  # t0's lease of a counts
+    a_busy = Commit("t1", NOW, admit("a", limit=1).writes, slot_limit=1, slot_pools=shared)
+    assert store.commit([a_busy]) == [Outcome.FULL]  # a holds t0's slot: not ordered again
+    stale = Commit(
+        "t1", NOW, admit("a", rev=7).writes, slot_limit=1, slot_pools=shared, release_others=True
+    )
+    assert store.commit([stale]) == [Outcome.STALE]
+    assert store.rollout("t0", NOW).in_flight == 1  # nothing given back by a stale commit
+    a_done = replace(a_busy, release_others=True)  # a reported it is not upgrading any more
+    assert store.commit([a_done]) == [Outcome.OK]
+    assert (store.rollout("t0", NOW).in_flight, store.rollout("t1", NOW).in_flight) == (0, 1)
+    assert store.commit([b]) == [Outcome.FULL]  # a's slot is now t1's
 
 
 def test_commits_of_one_call_apply_one_after_the_other(store: Store) -> None:

@@ -22,6 +22,7 @@ import uvicorn
 
 from selfupgrade.server import ControlPlane, PlaneConfig, StoreError, TaskLimits, open_store
 from selfupgrade.server.app import AppConfig, create_app
+from selfupgrade.server.artifacts import ArtifactCheck
 from selfupgrade.server.batch import HeartbeatBatcher
 from selfupgrade.server.falcon_rpc import serve_falcon_rpc
 from selfupgrade.server.http_limits import BoundedHttpToolsProtocol
@@ -37,9 +38,15 @@ configuration (cfg.json keys; a flag overrides its key):
   store                        --store URL          sqlite:PATH (one hbs) or redis://HOST:PORT/DB
   agent_update_queue_length    --queue N            hosts upgrading at once (slots)
   lease_s                      --lease-s S          a slot is freed after S seconds without news
+  restart_grace_s              --restart-grace-s S  a host may take S seconds to restart; with its
+                                                    heartbeat interval, how soon a silent host fails
   max_attempts                 --max-attempts N     failed attempts before a host is given up on
   retry_backoff_s              --retry-backoff-s S  wait before a failed host is retried (doubles)
   failure_limit                --failure-limit N    failed attempts after which the task halts
+  artifact_check               --no-artifact-check  fetch and check each artifact before a publish,
+                                                    before each wave and periodically (default on)
+  artifact_recheck_s           --artifact-recheck-s S  check an active rollout's artifacts every S s
+  artifact_max_bytes, artifact_deadline_s           the check's size cap and time limit
   admin_token                  --admin-token T      admin routes also need 'Bearer T'
   tokens                                            {"<token>": "read"|"write"} scoped tokens
   protect_reads                                     read routes need a read or write token
@@ -64,7 +71,7 @@ class Config:
     http: tuple[str, int]
     rpc: tuple[str, int] | None
     store: str
-    limits: TaskLimits
+    plane: PlaneConfig
     app: AppConfig
     log_level: str
     tls: tuple[Path, Path] | None = None
@@ -94,6 +101,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--max-attempts", type=int)
     parser.add_argument("--retry-backoff-s", type=float)
     parser.add_argument("--failure-limit", type=int)
+    parser.add_argument("--restart-grace-s", type=float)
+    parser.add_argument(
+        "--no-artifact-check",
+        action="store_true",
+        help="publish without fetching the artifacts first (logged at each publish)",
+    )
+    parser.add_argument("--artifact-recheck-s", type=float)
     parser.add_argument("--admin-token", help="a write-scope token for admin routes")
     parser.add_argument("--agent-token", help="a shared token agents must send")
     parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
@@ -125,14 +139,28 @@ def parse_args(argv: list[str] | None = None) -> Config:
             max_attempts=pick(args.max_attempts, "max_attempts"),
             retry_backoff_s=pick(args.retry_backoff_s, "retry_backoff_s"),
             failure_limit=pick(args.failure_limit, "failure_limit"),
+            restart_grace_s=pick(args.restart_grace_s, "restart_grace_s"),
         )
-    except ValueError as exc:
+        check = (
+            None
+            if args.no_artifact_check or not cfg["artifact_check"]
+            else ArtifactCheck(
+                max_bytes=int(cfg["artifact_max_bytes"]),
+                deadline_s=float(cfg["artifact_deadline_s"]),
+            )
+        )
+        plane = PlaneConfig(
+            limits=limits,
+            artifact_check=check,
+            artifact_recheck_s=float(pick(args.artifact_recheck_s, "artifact_recheck_s")),
+        )
+    except (ValueError, TypeError) as exc:
         raise SystemExit(f"hbs: invalid setting {exc}") from None
     return Config(
         http=http,
         rpc=rpc,
         store=pick(args.store, "store"),
-        limits=limits,
+        plane=plane,
         app=AppConfig(
             admin_token=pick(args.admin_token, "admin_token"),
             tokens=dict(cfg.get("tokens") or {}),
@@ -163,7 +191,9 @@ async def serve(cfg: Config) -> None:
         store = open_store(cfg.store)
     except (ValueError, StoreError) as exc:
         raise SystemExit(f"hbs: {exc}") from None
-    plane = ControlPlane(store, PlaneConfig(limits=cfg.limits))
+    plane = ControlPlane(store, cfg.plane)
+    if cfg.plane.artifact_check is None:
+        log.warning("the artifact check is off: publishes are not fetched and checked first")
     # What was loaded (the fleet view: a few objects per host) lives as long as the process;
     # frozen, it is left out of the collector's full scans, which would otherwise stop every
     # request for about 0.1 s per 600,000 hosts.
@@ -203,13 +233,14 @@ async def serve(cfg: Config) -> None:
         )
     )
     log.info(
-        "hbs on %s://%s:%d%s, store %s, %d slots, lease %gs",
+        "hbs on %s://%s:%d%s, store %s, %d slots, lease %gs, failure limit %d",
         "https" if cfg.tls else "http",
         *cfg.http,
         f", rpc {cfg.rpc[0]}:{cfg.rpc[1]}" if cfg.rpc else "",
         cfg.store,
-        cfg.limits.max_in_flight,
-        cfg.limits.lease_s,
+        cfg.plane.limits.max_in_flight,
+        cfg.plane.limits.lease_s,
+        cfg.plane.limits.failure_limit,
     )
     try:
         await server.serve()

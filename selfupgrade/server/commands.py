@@ -39,7 +39,13 @@ class NoSuchRollout(FieldError):
 class Commands(PlaneJob):
     """What an operator can do to rollouts."""
 
-    def publish(self, task: Task, members: Mapping[str, int] | None = None) -> Task:
+    def publish(
+        self,
+        task: Task,
+        members: Mapping[str, int] | None = None,
+        *,
+        artifacts_field: str = "release",
+    ) -> Task:
         """Start ``task``; the rollout active until now is cancelled.
 
         Without ``members``, the targeted hosts are the hosts seen so far whose labels match
@@ -47,11 +53,14 @@ class Commands(PlaneJob):
 
         Raises:
             FieldError: the version was marked bad, or a staged plan matches no known host.
+            ArtifactUnavailable: an artifact cannot be fetched as described (the artifact
+                check is on); ``artifacts_field`` is the field it names.
             StoreError: the store failed.
         """
         bad = self._store.bad_versions()
         if task.kind == "upgrade" and str(task.version) in bad:
             raise FieldError("version", f"{task.version} is marked bad: {bad[str(task.version)]}")
+        self.check_artifacts(task, artifacts_field)
         if members is None:
             seen = self._fleet.all()
             plan = task.effective_plan
@@ -72,6 +81,10 @@ class Commands(PlaneJob):
         previous = self._store.active_id()
         if previous is not None and previous != task.id:
             self._set_status(previous, Status.CANCELLED, f"replaced by {task.id}")
+        busy = self._still_upgrading(task.id)
+        if busy:
+            task = replace(task, shares_slots_with=busy)
+            log.info("%s shares its slots with %s until their hosts finish", task.id, busy)
         self._store.publish(task, members, rules.initial_counters(task, members.values()))
         self._cache.forget()
         log.info(
@@ -83,13 +96,45 @@ class Commands(PlaneJob):
         )
         return task
 
+    def check_artifacts(self, task: Task, field_name: str = "release") -> None:
+        """Fetch and check ``task``'s artifacts with the plane's artifact check; with the check
+        off, log that they were not checked.
+
+        Raises:
+            ArtifactUnavailable: naming the artifact's URL and what was fetched.
+        """
+        if not task.release.artifacts:
+            return
+        check = self._config.artifact_check
+        if check is None:
+            log.warning(
+                "%s: the artifacts of %s were not checked (the artifact check is off): an "
+                "unreachable URL or a wrong digest will reach the agents",
+                task.id,
+                task.version,
+            )
+            return
+        check.check(task.release, field_name)
+
+    _RECENT = 20
+
+    def _still_upgrading(self, task_id: str) -> tuple[str, ...]:
+        """Recent rollouts other than ``task_id`` with hosts still holding a live lease."""
+        now = self._clock()
+        return tuple(
+            t.id
+            for t in self._store.tasks()[: self._RECENT]
+            if t.id != task_id and self._store.rollout(t.id, now).in_flight > 0
+        )
+
     def publish_seed(self, body: object) -> Task:
         """Publish a task from the falcon API's body: one wave, the configured limits.
 
         Raises:
             FieldError: naming the invalid field.
         """
-        return self.publish(task_from_seed(body, limits=self._config.limits, now=self._clock()))
+        task = task_from_seed(body, limits=self._config.limits, now=self._clock())
+        return self.publish(task, artifacts_field="wgeturl")
 
     def publish_rollout(self, body: object) -> Task:
         """Publish a rollout from the rollouts API's body (a release and a plan).

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .artifacts import ArtifactCheck
 from .fleet import FleetView
 from .stores.base import Store
 from .tasks import RolloutState, Task, TaskLimits
@@ -34,6 +35,11 @@ class PlaneConfig:
             (a host finished or failed, a lease expired, a command) or for at most this long
             (a slot freed by another hbs replica waits that long). It spares most
             heartbeats of a large wave a commit. 0 asks the store every time.
+        artifact_check: fetches and checks each artifact of a release before it is
+            published, before each later wave starts, and every ``artifact_recheck_s``
+            during a rollout (a failed re-check pauses it); ``None``: no check, and each
+            publish logs that its artifacts were not checked. hbs turns it on by default.
+        artifact_recheck_s: how often an active rollout's artifacts are checked again.
     """
 
     limits: TaskLimits = field(default_factory=TaskLimits)
@@ -41,6 +47,8 @@ class PlaneConfig:
     lost_after_leases: float = 3.0
     seen_save_s: float = 300.0
     full_backoff_s: float = 0.2
+    artifact_check: ArtifactCheck | None = None
+    artifact_recheck_s: float = 60.0
 
 
 class RolloutCache:

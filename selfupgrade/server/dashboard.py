@@ -117,7 +117,8 @@ function renderRollout(d) {
     `${t.kind === "rollback" ? "Rollback" : "Rollout"} ${t.id} \u2192 ${t.order.version} `,
     el("span", {class: `status st-${d.status}`, id: "rollout-status"}, d.status));
   const summary = [el("div", {}, `${d.done} of ${d.members} hosts confirmed, ${d.failed} given up,
-    ${d.failures} failed attempt(s), ${d.in_flight} in flight. ETA: ${duration(d.eta_s)}.
+    ${d.failures} failed attempt(s) (${d.silent} silent after the order),
+    ${d.in_flight} in flight. ETA: ${duration(d.eta_s)}.
     Window ${d.window_open ? "open" : "closed"}.`)];
   if (d.halt_reason) summary.push(el("div", {class: "halt", id: "halt-reason"}, d.halt_reason));
   document.getElementById("rollout-summary").replaceChildren(...summary);

@@ -11,6 +11,9 @@ carried out by a store all at once or not at all. Its guards say what the rule a
   rollouts in :attr:`Commit.slot_pools`, plus the slots the commit takes, stay within
   :attr:`Commit.slot_limit`, and the host holds no live lease in them already.
 
+With :attr:`Commit.release_others`, the written hosts' leases in the other rollouts of
+:attr:`Commit.slot_pools` count as gone for that guard, and are dropped with the commit.
+
 The store answers :class:`Outcome`: ``OK`` (everything written), ``FULL`` (the slot guard
 failed), ``STALE`` (any other guard failed: read again, decide again). A store knows no
 rollout rule: it compares, adds counters, sets fields and keeps leases.
@@ -83,6 +86,9 @@ class Commit:
         guard: what the rollout must still look like.
         slot_limit: when a write takes a slot, the most live leases there may be after it.
         slot_pools: rollouts whose live leases count against the limit (empty: this one).
+        release_others: the written hosts are done with the other rollouts of
+            ``slot_pools`` (they reported that they are not upgrading): drop their leases
+            there.
         add: counter deltas.
         set: new values of rollout fields (``status``, ``halt_reason``, ``wave``,
             ``wave_done_at``).
@@ -96,6 +102,7 @@ class Commit:
     guard: Guard = field(default_factory=Guard)
     slot_limit: int = 0
     slot_pools: tuple[str, ...] = ()
+    release_others: bool = False
     add: Mapping[str, int] = field(default_factory=dict)
     set: Mapping[str, Any] = field(default_factory=dict)
     join: Mapping[str, int] = field(default_factory=dict)
@@ -105,6 +112,13 @@ class Commit:
     def pools(self) -> tuple[str, ...]:
         """The rollouts whose leases count against :attr:`slot_limit`."""
         return self.slot_pools or (self.task_id,)
+
+    @property
+    def others(self) -> tuple[str, ...]:
+        """The rollouts other than this one whose leases of the written hosts are dropped."""
+        if not self.release_others:
+            return ()
+        return tuple(p for p in self.slot_pools if p != self.task_id)
 
     @property
     def takes(self) -> int:

@@ -6,11 +6,13 @@ line: ``Agent.ReportStatus`` (the heartbeat), ``Agent.SyncServiceNames``,
 type the agent decodes, so it never drops the connection; ``ReportStatus`` goes through the
 control plane and carries the upgrade instruction (``Args``) when the host is admitted.
 
-The seed's request has no room for progress or failures (only ``InUpgrading``), so for such
-agents a failure shows as a lease that runs out. selfupgrade's own
+The seed's request has no room for progress or failures (only ``InUpgrading``), so hbs infers
+what an unmodified agent did from the process that reports (see :class:`ProcessTracker`): the
+same process reporting the old version after its order rolled back, a new process reporting
+the new version upgraded. selfupgrade's own
 :class:`~selfupgrade.transport.falcon_rpc.FalconRpcTransport` adds keys a Go hbs ignores
 (``State``, ``Error``, ``TaskId``, ``FailedVersion``, ``Failures``, ``Confirmed``, ``Files``,
-``Labels``) and this server reads them.
+``Labels``) and this server reads them; a report with ``State`` is taken at its word.
 
 Frames are capped at ``max_frame_bytes``; a malformed frame closes the connection.
 """
@@ -22,15 +24,18 @@ import contextlib
 import hmac
 import json
 import logging
+import math
+import secrets
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..models import Heartbeat, UpgradeState, parse_version
 from .batch import HeartbeatBatcher
 from .plane import ControlPlane
 
-__all__ = ["heartbeat_from_report", "serve_falcon_rpc"]
+__all__ = ["ProcessTracker", "heartbeat_from_report", "serve_falcon_rpc"]
 
 log = logging.getLogger("selfupgrade.server.rpc")
 
@@ -56,6 +61,7 @@ def heartbeat_from_report(params: Mapping[str, Any]) -> Heartbeat:
     if not isinstance(host, str) or not host:
         raise ValueError("Hostname is empty")
     state_text = _get(params, "State")
+    explicit = isinstance(state_text, str)
     if isinstance(state_text, str):
         state = UpgradeState(state_text)
     else:
@@ -76,10 +82,55 @@ def heartbeat_from_report(params: Mapping[str, Any]) -> Heartbeat:
         "failures": _get(params, "Failures", 0),
     }
     parse_version(data["version"])
-    return Heartbeat.from_wire(data)
+    beat = Heartbeat.from_wire(data)
+    return beat if explicit else replace(beat, reports_state=False)
 
 
-class _Connection:
+class ProcessTracker:
+    """Which process of each agent is talking: a restart is told from a reconnect.
+
+    An unmodified falcon agent, when it starts, opens one connection and closes it without
+    sending anything (it learns its local address from it), then opens the connection it
+    keeps, whose call ids start at 0. A reconnect of a running agent (after a timeout or a
+    dropped connection) opens a new connection without that probe. So a host's new connection
+    is a new process when a probe came from the host's address after the host's last report,
+    and the same process otherwise.
+
+    Process ids are ``"<listener>/<n>"``; ``<listener>`` is new with every listener, so that
+    after an hbs restart the rulebook sees "cannot tell" rather than "restarted". Hosts behind
+    one address (NAT, or every agent on one machine as in the tests) share their probes: a
+    reconnect right after another agent's start there counts as a restart.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._boot = secrets.token_hex(4)
+        self._count = 0
+        self._probe_at: dict[str, float] = {}
+        # host -> [process id, connection, time of its last report]
+        self._hosts: dict[str, list[Any]] = {}
+
+    def probe(self, peer: str) -> None:
+        """A connection from ``peer`` closed without sending anything."""
+        self._probe_at[peer] = self._clock()
+
+    def process(self, host: str, peer: str, connection: object) -> str:
+        """The process id of ``host`` reporting on ``connection`` from ``peer``."""
+        now = self._clock()
+        known = self._hosts.get(host)
+        if known is not None and known[1] is connection:
+            known[2] = now
+            return str(known[0])
+        if known is None or self._probe_at.get(peer, -math.inf) > known[2]:
+            self._count += 1
+            pid = f"{self._boot}/{self._count}"
+        else:
+            pid = known[0]
+        self._hosts[host] = [pid, connection, now]
+        return str(pid)
+
+
+class _Listener:
     def __init__(
         self,
         beats: HeartbeatBatcher,
@@ -89,8 +140,9 @@ class _Connection:
         self.beats = beats
         self.max = max_frame_bytes
         self.token_for = token_for
+        self.processes = ProcessTracker()
 
-    async def dispatch(self, method: object, params: object) -> Any:
+    async def dispatch(self, method: object, params: object, peer: str, connection: object) -> Any:
         first = params[0] if isinstance(params, list) and params else {}
         if not isinstance(first, Mapping):
             first = {}
@@ -108,6 +160,8 @@ class _Connection:
                 ):
                     log.warning("ReportStatus of %s without its agent token", beat.host)
                     return {"code": 1, "Args": None}
+            if not beat.reports_state:
+                beat = replace(beat, process=self.processes.process(beat.host, peer, connection))
             task = (await self.beats.answer(beat)).task
             args = task.seed_view() if task is not None else None
             if task is not None and args is None:
@@ -128,15 +182,22 @@ class _Connection:
         raise LookupError(f"rpc: can't find method {method}")
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) else ""
+        connection = object()
+        heard = False
         try:
             while True:
                 try:
                     line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError:
-                    return  # closed (the agent's first connection sends nothing)
+                except asyncio.IncompleteReadError as exc:
+                    if not heard and not exc.partial:
+                        self.processes.probe(peer)  # an agent's start-up probe
+                    return
                 except asyncio.LimitOverrunError:
                     log.warning("frame larger than %d bytes; closing", self.max)
                     return
+                heard = True
                 if not line.strip():
                     continue
                 try:
@@ -146,7 +207,7 @@ class _Connection:
                     log.warning("malformed frame; closing the connection")
                     return
                 try:
-                    result = await self.dispatch(method, params)
+                    result = await self.dispatch(method, params, peer, connection)
                     reply = {"id": call_id, "result": result, "error": None}
                 except LookupError as exc:
                     reply = {"id": call_id, "result": None, "error": str(exc)}
@@ -182,5 +243,5 @@ async def serve_falcon_rpc(
             agent cannot send one, so require tokens only for selfupgrade's own RPC agents.
     """
     beats = batcher or HeartbeatBatcher(lambda batch: plane.answer(batch))
-    conn = _Connection(beats, max_frame_bytes, token_for)
-    return await asyncio.start_server(conn.serve, host, port, limit=max_frame_bytes)
+    listener = _Listener(beats, max_frame_bytes, token_for)
+    return await asyncio.start_server(listener.serve, host, port, limit=max_frame_bytes)

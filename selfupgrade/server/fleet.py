@@ -45,12 +45,15 @@ class FleetView:
             for host, s in store.hosts().items()
         }
         self._last_beat: dict[str, float] = {h: s.seen_at for h, s in self._seen.items()}
+        self._started_at = now
+        self._interval: dict[str, float] = {}
         self._dirty: dict[str, HostSeen] = {}
         self._version_text: dict[object, str] = {}
 
-    def record(self, beat: Heartbeat, now: float) -> None:
+    def record(self, beat: Heartbeat, now: float) -> float | None:
         """Note that ``beat``'s host was heard from; keep (and mark for the store) a new
-        :class:`HostSeen` only when it has news.
+        :class:`HostSeen` only when it has news. Return the host's heartbeat interval as this
+        process measured it (``None``: not yet; see :meth:`interval`).
 
         Most heartbeats repeat the last one: they change one float and allocate nothing that
         outlives the request (with 600,000 hosts, a new object per heartbeat keeps the
@@ -59,7 +62,7 @@ class FleetView:
         version = self._version_text.get(beat.version)
         if version is None:
             version = self._version_text.setdefault(beat.version, str(beat.version))
-        self._note(beat.host, version, beat.state.value, beat.error, beat.labels, now)
+        return self._note(beat.host, version, beat.state.value, beat.error, beat.labels, now)
 
     def _note(
         self,
@@ -69,11 +72,20 @@ class FleetView:
         error: str | None,
         labels: Mapping[str, str],
         now: float,
-    ) -> None:
+    ) -> float | None:
         save_s = self._save_s
         phase = (hash(host) & 0xFFFF) * save_s / 0x10000
         with self._lock:
+            before = self._last_beat.get(host)
             self._last_beat[host] = now
+            interval = self._interval.get(host)
+            if before is not None and before > self._started_at:
+                # Trusted from the second gap on (negative: one gap so far); a longer gap
+                # counts at once, a shorter one slowly: an extra beat (a reconnect, the report
+                # of a new state) must not make a host look faster than it is.
+                gap = now - before
+                interval = -gap if interval is None else max(gap, 0.75 * abs(interval))
+                self._interval[host] = interval
             prev = self._seen.get(host)
             if (
                 prev is not None
@@ -83,10 +95,17 @@ class FleetView:
                 and prev.error == error
                 and prev.labels == labels
             ):
-                return
+                return interval if interval is not None and interval > 0 else None
             seen = HostSeen(host, version, state, now, error, labels)
             self._seen[host] = seen
             self._dirty[host] = seen
+            return interval if interval is not None and interval > 0 else None
+
+    def interval(self, host: str) -> float | None:
+        """The host's heartbeat interval, as heard by this process: the longest recent gap
+        between two of its heartbeats (``None``: heard fewer than three times)."""
+        interval = self._interval.get(host)
+        return interval if interval is not None and interval > 0 else None
 
     def last_beats(self) -> Mapping[str, float]:
         """Host -> when this process last heard from it (a live mapping: read, do not keep)."""

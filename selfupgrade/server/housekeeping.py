@@ -8,13 +8,15 @@ and move the rollout on (:func:`~selfupgrade.server.rules.advance`: bake, promot
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from . import rules
 from ._retry import commit_until_settled
+from .artifacts import ArtifactUnavailable
 from .context import PlaneContext, PlaneJob
 from .effects import Commit, Outcome
 from .stores.base import StoreError
-from .tasks import RolloutState, Task
+from .tasks import RolloutState, Status, Task
 
 __all__ = ["Housekeeping"]
 
@@ -24,9 +26,11 @@ log = logging.getLogger("selfupgrade.server")
 class Housekeeping(PlaneJob):
     """Periodic work over a store; see the module docstring."""
 
-    def __init__(self, context: PlaneContext) -> None:
+    def __init__(self, context: PlaneContext, pause: Callable[[str, str], bool]) -> None:
         super().__init__(context)
+        self._pause = pause
         self._silent: tuple[str, int, float, list[str]] = ("", -1, -1e18, [])
+        self._checked: tuple[str, float] = ("", 0.0)
 
     def tick(self) -> None:
         """Flush, expire leases, advance the rollout. A store failure is logged; the next
@@ -40,9 +44,13 @@ class Housekeeping(PlaneJob):
             now = self._clock()
             expired = self.expire(task, now)
             if expired:
-                log.warning("%d lease(s) of %s expired without news", expired, task.id)
+                log.info("%s: %d host(s) silent past their grace", task.id, expired)
             rollout = self._store.rollout(task.id, now)
             step = rules.advance(task, rollout, lost=self._lost(task, rollout, now), now=now)
+            if rollout.status == Status.ACTIVE and not self._artifacts_still_there(
+                task, now, before_wave=step is not None and step.kind == "promote"
+            ):
+                return
             if step is not None and self._store.commit([step.commit])[0] == Outcome.OK:
                 if step.kind == "promote":
                     log.info("%s: wave %d promoted", task.id, step.wave + 1)
@@ -52,6 +60,30 @@ class Housekeeping(PlaneJob):
         except StoreError as exc:
             log.error("periodic work failed (will retry): %s", exc)
 
+    def _artifacts_still_there(self, task: Task, now: float, *, before_wave: bool) -> bool:
+        """Check the active rollout's artifacts again before a wave starts and every
+        ``artifact_recheck_s``; when one is gone or changed, pause the rollout with the reason
+        and return ``False``."""
+        check = self._config.artifact_check
+        if check is None or not task.release.artifacts:
+            return True
+        last_id, last_at = self._checked
+        if last_id != task.id and not before_wave:
+            self._checked = (task.id, now)  # checked when it was published
+            return True
+        if not before_wave and now - last_at < self._config.artifact_recheck_s:
+            return True
+        self._checked = (task.id, now)
+        try:
+            check.check(task.release)
+        except ArtifactUnavailable as exc:
+            reason = f"artifact check failed: {exc}".replace("; nothing was published", "")
+            log.error("%s: pausing: %s", task.id, reason)
+            self._pause(task.id, reason)
+            self._cache.forget()
+            return False
+        return True
+
     def expire(self, task: Task, now: float) -> int:
         """Fail the attempts whose lease ran out by ``now``; return how many.
 
@@ -60,14 +92,23 @@ class Housekeeping(PlaneJob):
         """
         count = 0
         for host in self._store.due(task.id, now):
+            decided: list[Commit | None] = [None]
 
-            def decide(host: str = host) -> Commit | None:
+            def decide(host: str = host, decided: list[Commit | None] = decided) -> Commit | None:
                 rollout = self._store.rollout(task.id, now)
                 read = self._store.read(task.id, [host])[0]
-                return rules.expire(task, rollout, read, now)
+                decided[0] = rules.expire(task, rollout, read, now)
+                return decided[0]
 
-            if commit_until_settled(self._store, decide, what=f"expire {host}") == Outcome.OK:
-                log.warning("%s: no news from %s within its lease", task.id, host)
+            outcome = commit_until_settled(self._store, decide, what=f"expire {host}")
+            commit = decided[0]
+            if outcome == Outcome.OK and commit is not None and commit.add:
+                log.warning(
+                    "%s failed an attempt at %s: %s",
+                    host,
+                    task.id,
+                    commit.writes[0].progress.reason,
+                )
                 self._cache.freed()
                 count += 1
         return count

@@ -7,6 +7,7 @@
     selfupgrade_rollout_done                hosts that confirmed the active rollout
     selfupgrade_rollout_failed_hosts        hosts given up on
     selfupgrade_rollout_failures_total      failed attempts in the active rollout
+    selfupgrade_rollout_silent_total        of those, hosts silent after their order
     selfupgrade_rollout_phase{rollout,phase}  1 for the active rollout's status
     selfupgrade_rollout_wave{rollout}       index of its current wave (0-based)
     selfupgrade_store_round_trips_total     round trips to the store (Redis) so far
@@ -69,6 +70,12 @@ class _SnapshotCollector:
         )
         failures.add_metric([], c.failures)
         yield failures
+        silent = CounterMetricFamily(
+            "selfupgrade_rollout_silent",
+            "Failed attempts of hosts that went silent after their order.",
+        )
+        silent.add_metric([], c.silent)
+        yield silent
         phase = GaugeMetricFamily(
             "selfupgrade_rollout_phase",
             "1 for the active rollout's status.",

@@ -96,7 +96,9 @@ class ControlPlane:
         context = PlaneContext(store, self.fleet, self._cache, config, clock)
         self.commands = Commands(context)
         self.views = Views(context)
-        self.housekeeping = Housekeeping(context)
+        self.housekeeping = Housekeeping(
+            context, lambda task_id, why: self.commands.control(task_id, "pause", why)
+        )
 
     # ---- the heartbeat path --------------------------------------------------------------
 
@@ -108,8 +110,7 @@ class ControlPlane:
         the heartbeats are then answered with no order and the error.
         """
         now = self._clock()
-        for beat in beats:
-            self.fleet.record(beat, now)
+        intervals = [self.fleet.record(beat, now) for beat in beats]
         try:
             current = self._cache.get(now)
             if current is None:
@@ -118,16 +119,21 @@ class ControlPlane:
             reads = self._store.read(task.id, [b.host for b in beats])
             free = now >= self._cache.full_until
             verdicts = [
-                rules.on_heartbeat(task, rollout, b, r, now, slot_may_be_free=free)
-                for b, r in zip(beats, reads, strict=True)
+                rules.on_heartbeat(task, rollout, b, r, now, slot_may_be_free=free, interval_s=g)
+                for b, r, g in zip(beats, reads, intervals, strict=True)
             ]
-            return self._commit(task, beats, verdicts, now)
+            return self._commit(task, beats, verdicts, now, intervals)
         except StoreError as exc:
             log.error("store failed; answering no order: %s", exc)
             return [Reply(error=f"store failed: {exc}")] * len(beats)
 
     def _commit(
-        self, task: Task, beats: Sequence[Heartbeat], verdicts: list[Verdict], now: float
+        self,
+        task: Task,
+        beats: Sequence[Heartbeat],
+        verdicts: list[Verdict],
+        now: float,
+        intervals: Sequence[float | None],
     ) -> list[Reply]:
         replies = [NO_ORDER] * len(beats)
         pending = [(i, v.commit) for i, v in enumerate(verdicts) if v.commit is not None]
@@ -138,7 +144,7 @@ class ControlPlane:
             for _ in range(TRIES):
                 if outcome != Outcome.STALE:
                     break
-                verdict, outcome = self._again(task, beats[i], now)
+                verdict, outcome = self._again(task, beats[i], now, intervals[i])
             if outcome == Outcome.FULL and self.config.full_backoff_s:
                 self._cache.full_until = now + self.config.full_backoff_s
             if outcome == Outcome.OK:
@@ -149,12 +155,14 @@ class ControlPlane:
                     replies[i] = Reply(task)
         return replies
 
-    def _again(self, task: Task, beat: Heartbeat, now: float) -> tuple[Verdict, Outcome | None]:
+    def _again(
+        self, task: Task, beat: Heartbeat, now: float, interval: float | None
+    ) -> tuple[Verdict, Outcome | None]:
         """Decide ``beat`` again on a fresh read of the rollout and the host."""
         rollout = self._store.rollout(task.id, now)
         self._cache.update(task, rollout)
         read = self._store.read(task.id, [beat.host])[0]
-        verdict = rules.on_heartbeat(task, rollout, beat, read, now)
+        verdict = rules.on_heartbeat(task, rollout, beat, read, now, interval_s=interval)
         if verdict.commit is None:
             return verdict, None
         return verdict, self._store.commit([verdict.commit])[0]
@@ -167,10 +175,15 @@ class ControlPlane:
 
 
 def _log(task: Task, beat: Heartbeat, verdict: Verdict) -> None:
+    """One line per order, failed attempt and finished host (an agent that reports its state
+    gets the order again at each idle beat: that is logged at debug level)."""
     action = verdict.decision.action
     if action == Action.ADMIT:
-        log.info("admitted %s to %s (%s)", beat.host, task.id, task.version)
+        log.info("ordered %s to install %s (%s)", beat.host, task.version, task.id)
+    elif action == Action.RESEND:
+        level = logging.DEBUG if beat.reports_state else logging.INFO
+        log.log(level, "sent the order for %s again to %s (%s)", task.version, beat.host, task.id)
     elif action == Action.FAIL:
-        log.warning("%s failed %s: %s", beat.host, task.id, verdict.decision.reason)
+        log.warning("%s failed an attempt at %s: %s", beat.host, task.id, verdict.decision.reason)
     elif action == Action.COMPLETE:
         log.info("%s finished %s", beat.host, task.id)

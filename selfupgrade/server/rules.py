@@ -17,10 +17,13 @@ What a heartbeat means (:func:`decide`), in order:
 3. It holds a slot:
    * it reports a *new* failure of this task (its failure count grew since it was
      admitted): the attempt failed; the slot is released, the host backs off or is given up;
-   * its lease ran out: the attempt failed ("no news within the lease");
+   * its lease ran out: the attempt failed (it was silent for its grace, see
+     :func:`silence_grace`);
    * it reports working on the order (downloading ... restarting): the lease is renewed;
-   * otherwise (it did not get the order, or is still backing off on its side): the order
-     is sent again.
+   * an unmodified falcon agent, which reports only its version and ``InUpgrading``, is
+     judged by :func:`judge_silent_agent`: the order is never sent twice to one process;
+   * otherwise (an agent that reports its state, and did not get the order or is still
+     backing off on its side): the order is sent again (such an agent acts on a task once).
 4. It runs a newer version and the task does not allow a downgrade: nothing.
 5. It is backing off and its time has not come: nothing.
 6. The rollout does not admit it now (:func:`admits`): nothing.
@@ -46,6 +49,7 @@ from .tasks import HostProgress, HostRead, HostState, RolloutState, Status, Task
 
 __all__ = [
     "ADMITTING",
+    "SILENT_BEATS",
     "STATUS_CHANGES",
     "WORKING_STATES",
     "Action",
@@ -61,10 +65,13 @@ __all__ = [
     "halt_reason",
     "initial_counters",
     "is_lost",
+    "judge_silent_agent",
     "may_join",
     "on_heartbeat",
     "retry_at",
     "settled",
+    "silence_grace",
+    "silence_reason",
     "slot_limit",
 ]
 
@@ -106,6 +113,9 @@ class Action(TextEnum):
     """The host holds a slot but is idle: renew the slot and send the order again."""
     RENEW = "renew"
     """The host is working on the order: extend its lease."""
+    WAIT = "wait"
+    """An unmodified agent reported the old version once after its order (the beat may have
+    crossed the order): note it, extend the lease, send nothing."""
     COMPLETE = "complete"
     """The host is done: release its slot, count it done."""
     FAIL = "fail"
@@ -182,6 +192,8 @@ def decide(
         may_admit: :func:`admits` for the host's wave.
     """
     state = progress.state if progress is not None else None
+    if state == HostState.DONE and not beat.reports_state:
+        return NOTHING  # what an unmodified agent did cannot be checked again
     if task.done_for(beat):
         if not beat.confirmed or beat.state in WORKING_STATES:
             return Decision(Action.RENEW) if state == HostState.ADMITTED else NOTHING
@@ -193,10 +205,11 @@ def decide(
         if _reports_new_failure(task, beat, progress):
             return Decision(Action.FAIL, beat.error or f"the agent reported {beat.state.value}")
         if progress.lease_until <= now:
-            what = "working" if progress.started else "starting"
-            return Decision(Action.FAIL, f"no news within the lease while {what}")
+            return Decision(Action.FAIL, silence_reason(task, progress))
         if beat.state in WORKING_STATES:
             return Decision(Action.RENEW)
+        if not beat.reports_state:
+            return judge_silent_agent(task, beat, progress)
         return Decision(Action.RESEND)
     if beat.version > task.version and not task.allow_downgrade:
         return NOTHING
@@ -205,6 +218,49 @@ def decide(
     if not may_admit:
         return NOTHING
     return Decision(Action.ADMIT)
+
+
+def judge_silent_agent(task: Task, beat: Heartbeat, progress: HostProgress) -> Decision:
+    """What the idle heartbeat of an admitted, unmodified falcon agent means.
+
+    Such an agent says only its version and whether a download is running. After its order
+    it either kills itself (the upgrade worked, or a config was replaced; a new process
+    reports) or keeps running the old version (md5 mismatch, HTTP error: it restored its
+    backup). So, from the process the order went to, the old version and no download is a
+    failed attempt, from the second such beat on (the first may have crossed the order, or
+    fallen between the end of the download and the agent's kill). From a new process it is
+    the end of the attempt: a config-only task is done; otherwise the new version did not
+    come up. When it cannot be told (hbs restarted since the order, or another replica sent
+    it), the order is sent to the reporting process once.
+    """
+    same = _same_process(progress.process, beat.process)
+    if same is None:
+        return Decision(Action.RESEND)
+    if not same:
+        if not task.changes_program:
+            return Decision(Action.COMPLETE)
+        return Decision(
+            Action.FAIL,
+            f"restarted after the order but still reports {beat.version}: the new version "
+            "did not come up (download error, md5 mismatch, or it restored its backup)",
+        )
+    if progress.idle_beats < 1:
+        return Decision(Action.WAIT)
+    return Decision(
+        Action.FAIL,
+        f"reported {beat.version} again after the order without restarting: the agent rolled "
+        "back (md5 mismatch, download error)",
+    )
+
+
+def _same_process(ordered: str, reporting: str) -> bool | None:
+    """Whether two process ids (``"<listener>/<n>"``) name one process; ``None``: cannot
+    tell (unknown, or given by different listeners)."""
+    if not ordered or not reporting:
+        return None
+    if ordered.partition("/")[0] != reporting.partition("/")[0]:
+        return None
+    return ordered == reporting
 
 
 def _reports_new_failure(task: Task, beat: Heartbeat, progress: HostProgress) -> bool:
@@ -222,12 +278,15 @@ def on_heartbeat(
     now: float,
     *,
     slot_may_be_free: bool = True,
+    interval_s: float | None = None,
 ) -> Verdict:
     """The verdict on one heartbeat: :func:`decide`, and the commit that carries it out.
 
     Args:
         slot_may_be_free: ``False`` when the caller knows every slot is held (the store
             refused an admission a moment ago): an admission is then not even tried.
+        interval_s: the host's heartbeat interval as measured (``None``: unknown); an
+            admission sets the host's silence grace from it.
     """
     wave = read.wave
     joining = wave is None
@@ -238,7 +297,7 @@ def on_heartbeat(
     decision = decide(task, beat, read.progress, now, may_admit=admits(task, rollout, wave, now))
     if decision.action == Action.ADMIT and not slot_may_be_free and not joining:
         return NO_VERDICT
-    commit = _carry_out(task, rollout, decision, beat, read, wave, now)
+    commit = _carry_out(task, rollout, decision, beat, read, wave, now, interval_s)
     if joining:
         base = commit or Commit(task.id, now)
         add = dict(base.add)
@@ -256,10 +315,12 @@ def _carry_out(
     read: HostRead,
     wave: int,
     now: float,
+    interval_s: float | None,
 ) -> Commit | None:
     action, current, rev = decision.action, read.progress, read.rev
-    lease = now + task.limits.lease_s
     if action == Action.ADMIT:
+        grace = silence_grace(task, interval_s)
+        lease = now + grace
         progress = HostProgress(
             host=beat.host,
             state=HostState.ADMITTED,
@@ -267,8 +328,10 @@ def _carry_out(
             lease_until=lease,
             failures_at_admit=beat.failures,
             admitted_at=now,
+            process=beat.process,
+            grace_s=grace,
         )
-        return Commit(
+        admission = Commit(
             task.id,
             now,
             (HostWrite(progress, rev, lease, takes_slot=True),),
@@ -276,21 +339,35 @@ def _carry_out(
             Guard(statuses=ADMITTING, fields={"wave": rollout.wave}),
             slot_limit=slot_limit(task, rollout),
         )
+        return _sharing_slots(task, beat, admission)
     if current is None:
         if action == Action.COMPLETE:
-            return _complete(task, beat.host, None, 0, wave, now)
+            return _sharing_slots(task, beat, _complete(task, beat.host, None, 0, wave, now))
         return None
+    lease = now + (current.grace_s or task.limits.lease_s)
     if action == Action.RESEND:
-        write = HostWrite(replace(current, lease_until=lease), rev, lease)
-        return Commit(task.id, now, (write,), Guard(statuses=_RESENDING))
+        renewed = replace(current, lease_until=lease, process=beat.process, idle_beats=0)
+        return Commit(task.id, now, (HostWrite(renewed, rev, lease),), Guard(statuses=_RESENDING))
     if action == Action.RENEW:
         write = HostWrite(replace(current, lease_until=lease, started=True), rev, lease)
         return Commit(task.id, now, (write,))
+    if action == Action.WAIT:
+        noted = replace(current, lease_until=lease, idle_beats=current.idle_beats + 1)
+        return Commit(task.id, now, (HostWrite(noted, rev, lease),))
     if action == Action.COMPLETE:
         return _complete(task, beat.host, current, rev, wave, now)
     if action == Action.FAIL:
         return failed(task, rollout, current, wave, decision.reason, now)
     return None
+
+
+def _sharing_slots(task: Task, beat: Heartbeat, commit: Commit) -> Commit:
+    """For a rollout that shares its slots with earlier ones: count their leases, and drop
+    the host's own lease there when it reports that it is not upgrading any more."""
+    if not task.shares_slots_with:
+        return commit
+    idle = beat.state not in WORKING_STATES and beat.confirmed
+    return replace(commit, slot_pools=(task.id, *task.shares_slots_with), release_others=idle)
 
 
 def _complete(
@@ -375,15 +452,44 @@ def halt_reason(plan: Plan, wave: int, failures: int, members: int, host: str, r
     )[:1000]
 
 
-LEASE_EXPIRED = "no news within the lease"
+SILENT_BEATS = 3
+"""Heartbeats a host may miss after its order, on top of its restart, before it is silent."""
+
+
+def silence_grace(task: Task, interval_s: float | None) -> float:
+    """How long an admitted host may stay silent before its attempt fails: a few of its
+    heartbeat intervals plus the time it may take to restart (``restart_grace_s``), never
+    more than the task's ``lease_s`` (which is also the grace when the interval is unknown).
+
+    A falcon agent beating every 5 s gets 3 x 5 + 30 = 45 s instead of a 180 s lease: a host
+    bricked by its order (an agent that cannot start again) stops counting as in flight,
+    and counts as failed, within a minute.
+    """
+    limits = task.limits
+    if interval_s is None or interval_s <= 0:
+        return limits.lease_s
+    return min(limits.lease_s, SILENT_BEATS * max(interval_s, 1.0) + limits.restart_grace_s)
+
+
+def silence_reason(task: Task, progress: HostProgress) -> str:
+    """Why an admitted host's attempt failed when its lease ran out."""
+    grace = progress.grace_s or task.limits.lease_s
+    if progress.lease_until - grace <= progress.admitted_at:
+        return f"silent since the order: no heartbeat within {grace:g} s"
+    what = "working on the order" if progress.started else "after the order"
+    return f"silent for {grace:g} s since its last heartbeat ({what})"
 
 
 def expire(task: Task, rollout: RolloutState, read: HostRead, now: float) -> Commit | None:
-    """A host whose lease ran out without news has failed its attempt."""
+    """A host whose lease ran out without news has failed its attempt. The lease of a host
+    that no longer holds a slot (its rollout was cancelled while it upgraded) is dropped."""
     p = read.progress
-    if p is None or p.state != HostState.ADMITTED or p.lease_until > now:
+    if p is None or p.lease_until > now:
         return None
-    return failed(task, rollout, p, read.wave, LEASE_EXPIRED, now)
+    if p.state != HostState.ADMITTED:
+        return Commit(task.id, now, (HostWrite(p, p.rev),))
+    commit = failed(task, rollout, p, read.wave, silence_reason(task, p), now)
+    return replace(commit, add={**commit.add, "silent": 1})
 
 
 # ---- the rollout as a whole ----------------------------------------------------------------
@@ -479,15 +585,21 @@ def change_status(
     """An operator's (or a new rollout's) change of status; ``None`` when it is not allowed
     from the rollout's status (see :data:`STATUS_CHANGES`).
 
-    Aborting or cancelling frees every slot: each host in ``admitted`` (the hosts holding
-    one) backs off, so that a later rollout may admit it again.
+    Aborting or cancelling stops the hosts in ``admitted`` (those holding a slot) from being
+    ordered again: each backs off. Their leases are kept: a host may still be downloading or
+    restarting, so its slot counts (against a later rollout's limit too, see
+    :attr:`~selfupgrade.server.tasks.Task.shares_slots_with`) until its lease ends.
     """
     if rollout.status not in STATUS_CHANGES.get(status, frozenset()):
         return None
     writes: tuple[HostWrite, ...] = ()
     if status in (Status.ABORTED, Status.CANCELLED):
         writes = tuple(
-            HostWrite(replace(p, state=HostState.BACKOFF, lease_until=0.0), p.rev)
+            HostWrite(
+                replace(p, state=HostState.BACKOFF, reason=reason),
+                p.rev,
+                p.lease_until if p.lease_until > now else None,
+            )
             for p in admitted
             if p.state == HostState.ADMITTED
         )

@@ -86,6 +86,9 @@ class TaskLimits:
         max_attempts: failed attempts before a host is marked failed for this task.
         retry_backoff_s: wait before a failed host is admitted again (doubles per failure).
         failure_limit: failed hosts after which the task halts and admits nobody.
+        restart_grace_s: how long a host may take to restart into the new version and
+            report; with its heartbeat interval it sets how soon a host that went silent
+            after its order has failed (see :func:`~selfupgrade.server.rules.silence_grace`).
     """
 
     max_in_flight: int = 2000
@@ -93,13 +96,14 @@ class TaskLimits:
     max_attempts: int = 3
     retry_backoff_s: float = 120.0
     failure_limit: int = 2000
+    restart_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_in_flight", "max_attempts", "failure_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FieldError(name, "must be a positive integer")
-        for name in ("lease_s", "retry_backoff_s"):
+        for name in ("lease_s", "retry_backoff_s", "restart_grace_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise FieldError(name, "must be a positive number")
@@ -124,6 +128,9 @@ class Task:
         rollback_of: the rollout a rollback undoes.
         previous_version: the version most targeted hosts ran when the rollout started.
         manifest: the release's signed manifest, sent to agents with the order.
+        shares_slots_with: earlier rollouts (cancelled or replaced) whose hosts were still
+            upgrading when this one was published: their live leases count against this
+            rollout's limits, and a host holding one is not ordered by this rollout.
     """
 
     id: str
@@ -137,6 +144,7 @@ class Task:
     rollback_of: str = ""
     previous_version: str = ""
     manifest: bytes | None = field(default=None, repr=False)
+    shares_slots_with: tuple[str, ...] = ()
 
     @functools.cached_property
     def effective_plan(self) -> Plan:
@@ -161,6 +169,11 @@ class Task:
             manifest=self.manifest,
         )
 
+    @property
+    def changes_program(self) -> bool:
+        """Whether the task installs the program (a new version), not only small files."""
+        return Role.BIN in self.release.roles or not self.release.artifacts
+
     def done_for(self, beat: Heartbeat) -> bool:
         """Whether ``beat``'s host already has this task's result.
 
@@ -168,7 +181,7 @@ class Task:
         the program's version does not change, so the host is done when the digests it reports
         for those files match the task's.
         """
-        if Role.BIN in self.release.roles or not self.release.artifacts:
+        if self.changes_program:
             return beat.version == self.version
         for artifact in self.release.artifacts:
             have = beat.files.get(artifact.role.value, {}).get(artifact.digest.algorithm)
@@ -205,6 +218,7 @@ class Task:
                 "max_attempts": self.limits.max_attempts,
                 "retry_backoff_s": self.limits.retry_backoff_s,
                 "failure_limit": self.limits.failure_limit,
+                "restart_grace_s": self.limits.restart_grace_s,
             },
             "created_at": self.created_at,
             "allow_downgrade": self.allow_downgrade,
@@ -213,6 +227,7 @@ class Task:
             "kind": self.kind,
             "rollback_of": self.rollback_of,
             "previous_version": self.previous_version,
+            "shares_slots_with": list(self.shares_slots_with),
         }
 
     @classmethod
@@ -231,6 +246,7 @@ class Task:
             rollback_of=data.get("rollback_of", ""),
             previous_version=data.get("previous_version", ""),
             manifest=order.manifest,
+            shares_slots_with=tuple(data.get("shares_slots_with", ())),
         )
 
 
@@ -262,6 +278,12 @@ class HostProgress:
         reason: why the last attempt failed.
         admitted_at: when the host was last given a slot.
         done_at: when it confirmed the new version.
+        process: the agent process its order went to (see
+            :attr:`~selfupgrade.models.Heartbeat.process`).
+        idle_beats: heartbeats from that process since the order that showed the old version
+            and no download (an unmodified falcon agent: one may have crossed the order).
+        grace_s: while admitted, how long the host may stay silent before its attempt fails
+            (0: the task's ``lease_s``); each heartbeat renews the lease by it.
         rev: the record's revision in its store (0: never stored); a store commits a change
             only while the record is still at the revision the change was computed from.
     """
@@ -276,6 +298,9 @@ class HostProgress:
     reason: str = ""
     admitted_at: float = 0.0
     done_at: float = 0.0
+    process: str = ""
+    idle_beats: int = 0
+    grace_s: float = 0.0
     rev: int = 0
 
     def __post_init__(self) -> None:
@@ -295,6 +320,9 @@ class HostProgress:
             "reason": self.reason,
             "admitted_at": self.admitted_at,
             "done_at": self.done_at,
+            "process": self.process,
+            "idle_beats": self.idle_beats,
+            "grace_s": self.grace_s,
         }
 
     @classmethod
@@ -311,6 +339,9 @@ class HostProgress:
             reason=str(data.get("reason", "")),
             admitted_at=float(data.get("admitted_at", 0.0)),
             done_at=float(data.get("done_at", 0.0)),
+            process=str(data.get("process", "")),
+            idle_beats=int(data.get("idle_beats", 0)),
+            grace_s=float(data.get("grace_s", 0.0)),
             rev=rev,
         )
 
@@ -396,6 +427,11 @@ class RolloutState:
     def failures(self) -> int:
         """Failed attempts, all hosts together."""
         return self.counters.get("failures", 0)
+
+    @property
+    def silent(self) -> int:
+        """Failed attempts of hosts that went silent after their order (among ``failures``)."""
+        return self.counters.get("silent", 0)
 
     @property
     def waves(self) -> tuple[WaveCounters, ...]:

@@ -172,13 +172,25 @@ class MemoryStore:
             if (current.rev if current is not None else 0) != w.expect_rev:
                 return Outcome.STALE
         takes = c.takes
+        released = [self._rollouts[p].leases for p in c.others if p in self._rollouts]
         if takes:
-            pools = [self._rollouts[p].leases for p in c.pools if p in self._rollouts]
-            if sum(p.live(c.now) for p in pools) + takes > c.slot_limit:
+            pools = [
+                self._rollouts[p].leases
+                for p in c.pools
+                if p in self._rollouts and p not in c.others
+            ]
+            live = sum(p.live(c.now) for p in pools) + sum(
+                p.live(c.now) - sum(1 for w in c.writes if p.is_live(w.host, c.now))
+                for p in released
+            )
+            if live + takes > c.slot_limit:
                 return Outcome.FULL
             for w in c.writes:
                 if w.takes_slot and any(p.is_live(w.host, c.now) for p in pools):
                     return Outcome.FULL
+        for leases in released:
+            for w in c.writes:
+                leases.drop(w.host)
         for w in c.writes:
             r.progress[w.host] = replace(w.progress, rev=w.expect_rev + 1)
             if w.lease_until is not None:

@@ -65,15 +65,30 @@ for _, w in ipairs(c.writes) do
 end
 if c.takes > 0 then
   local live = 0
-  for i = 5, #KEYS do live = live + redis.call('ZCOUNT', KEYS[i], '(' .. c.now, '+inf') end
+  for i = 5, #KEYS do
+    live = live + redis.call('ZCOUNT', KEYS[i], '(' .. c.now, '+inf')
+    if i > 5 and c.release then
+      for _, w in ipairs(c.writes) do
+        local s = redis.call('ZSCORE', KEYS[i], w.host)
+        if s and tonumber(s) > tonumber(c.now) then live = live - 1 end
+      end
+    end
+  end
   if live + c.takes > c.limit then return 'full' end
+  local last = #KEYS
+  if c.release then last = 5 end
   for _, w in ipairs(c.writes) do
     if w.take then
-      for i = 5, #KEYS do
+      for i = 5, last do
         local s = redis.call('ZSCORE', KEYS[i], w.host)
         if s and tonumber(s) > tonumber(c.now) then return 'full' end
       end
     end
+  end
+end
+if c.release then
+  for i = 6, #KEYS do
+    for _, w in ipairs(c.writes) do redis.call('ZREM', KEYS[i], w.host) end
   end
 end
 for _, w in ipairs(c.writes) do
@@ -264,6 +279,7 @@ class RedisStore:
 
     def _script_args(self, c: Commit) -> tuple[list[str], str]:
         meta, leases, progress, members = self._keys(c.task_id)
+        # with release_others, every pool but this one is released (effects.Commit.others)
         pools = [self._keys(p)[1] for p in c.pools if p != c.task_id]
         keys = [meta, progress, members, f"{self._p}:active", leases, *pools]
         g = c.guard
@@ -286,6 +302,7 @@ class RedisStore:
             ],
             "takes": c.takes,
             "limit": c.slot_limit,
+            "release": bool(c.others),
             "add": dict(c.add),
             "set": {k: _text(v) for k, v in c.set.items()},
             "deactivate": c.deactivate,

@@ -276,20 +276,44 @@ class SqliteStore:
             ]
 
     def commit(self, commits: Sequence[Commit]) -> list[Outcome]:
-        """Check and apply each commit, all in one transaction."""
+        """Check and apply each commit, all in one transaction (a commit that releases other
+        rollouts' leases in a savepoint of its own)."""
         if not commits:
             return []
         outcomes = []
         with self._sql(write=True) as db:
             for c in commits:
+                saved = bool(c.others)
+                if saved:
+                    db.execute("SAVEPOINT c")
                 try:
+                    self._release(db, c)
                     self._check(db, c)
                 except _Stale as stale:
+                    if saved:
+                        db.execute("ROLLBACK TO c")
+                        db.execute("RELEASE c")
                     outcomes.append(stale.outcome)
                     continue
                 self._apply(db, c)
+                if saved:
+                    db.execute("RELEASE c")
                 outcomes.append(Outcome.OK)
         return outcomes
+
+    @staticmethod
+    def _release(db: sqlite3.Connection, c: Commit) -> None:
+        """Drop the written hosts' leases in :attr:`Commit.others` (undone with a stale
+        commit's savepoint)."""
+        others = c.others
+        if not others:
+            return
+        marks = ",".join("?" * len(others))
+        for w in c.writes:
+            db.execute(
+                f"DELETE FROM leases WHERE task_id IN ({marks}) AND host = ?",  # noqa: S608 - placeholders
+                (*others, w.host),
+            )
 
     def _check(self, db: sqlite3.Connection, c: Commit) -> None:
         row = db.execute(
