@@ -291,6 +291,65 @@ def test_no_order_for_bytes_that_are_not_there(
                 assert wgeturl in counters["halt_reason"]
 
 
+def test_hosts_bricked_by_a_vanished_artifact_server_halt_the_rollout_by_their_silence(
+    tmp_path: Path, artifact_server: ArtifactServer
+) -> None:
+    """(d, without the re-check) An agent ordered while the artifact server is down panics
+    and is left with an empty program: it never reports again. hbs counts it failed after
+    its silence grace (3 x 5 s + restart_grace_s), and the failure limit halts the rollout."""
+    binaries = build_agents(OLD, NEW)
+    new = binaries[NEW].read_bytes()
+    artifact_server.add(f"open-falcon/bin_{NEW}", new)
+    db = tmp_path / "hbs.db"
+    with Hbs(
+        f"sqlite:{db}",
+        tmp_path / "hbs.log",
+        rpc=True,
+        queue=2,
+        lease_s=180,
+        failure_limit=1,
+        restart_grace_s=10,
+        artifact_recheck_s=3600,  # only the hosts' silence can stop it
+    ) as hbs:
+        assert hbs.rpc_port is not None
+        with GoFleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
+            wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)
+            body = {
+                "wgeturl": artifact_server.url("open-falcon"),
+                "version": NEW,
+                "binfile_md5": hashlib.md5(new).hexdigest(),
+            }
+            assert hbs.publish(body).status_code == 200
+            wait_until("a first agent on 6.1.1", lambda: hbs.status()["counters"]["done"] >= 1)
+            artifact_server.stop()
+            stopped = time.monotonic()
+            wait_until(
+                "the rollout to halt",
+                lambda: hbs.status()["counters"]["status"] == "halted",
+                timeout_s=150,
+                explain=hbs.log,
+            )
+            took = time.monotonic() - stopped
+            counters = hbs.status()["counters"]
+            time.sleep(11)  # nothing more is ordered once it halted
+            ordered = {n: fleet.orders(n) for n in fleet.names}
+            upgraded = [n for n in fleet.names if fleet.program(n) == new]
+            bricked = [
+                n for n in fleet.names if fleet.program(n) not in (new, binaries[OLD].read_bytes())
+            ]
+            touched = [n for n in fleet.names if ordered[n] and n not in upgraded]
+            print(
+                f"artifact server gone, no re-check: halted {took:.1f} s after the stop "
+                f"({counters['halt_reason']}); silent {counters['silent']}; upgraded "
+                f"{len(upgraded)}, bricked {bricked}, touched after the stop {touched}"
+            )
+            assert 1 <= len(touched) <= 1 + 2  # failure limit + queue
+            assert set(bricked) <= set(touched)
+            assert "silent since the order" in counters["halt_reason"]
+            assert counters["silent"] >= 1
+            assert hbs.log().count("silent since the order") >= 1
+
+
 def test_cancel_and_publish_again_at_once_keeps_the_limit(
     tmp_path: Path, artifact_server: ArtifactServer
 ) -> None:

@@ -109,9 +109,10 @@ def test_a_lost_host_releases_only_its_own_slot(store) -> None:  # type: ignore[
     clock.now += 20
     assert send(plane, beat("busy"))
     clock.now += 11  # lost's lease is over; busy's is not
+    assert send(plane, beat("new")) is None  # not free before its failure is counted
+    plane.tick()  # housekeeping fails the attempt whose lease ran out
     assert send(plane, beat("new")) is not None
     assert send(plane, beat("other")) is None  # busy still holds its slot
-    plane.tick()  # housekeeping fails the attempt whose lease ran out
     lost = progress(store, "t1", "lost")
     assert lost.state == "backoff" and lost.attempts == 1
     assert lost.reason == "silent since the order: no heartbeat within 30 s"

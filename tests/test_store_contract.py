@@ -158,7 +158,9 @@ def test_a_stale_revision_or_a_known_member_changes_nothing(store: Store) -> Non
     assert state_of(store) == before
 
 
-def test_the_slot_guard_counts_live_leases_only(store: Store) -> None:
+def test_a_rollouts_leases_count_until_released_and_another_rollouts_while_live(
+    store: Store,
+) -> None:
     published(store, limit=2)
     assert store.commit([admit("a", until=NOW + 5), admit("b", until=NOW + 50)]) == [
         Outcome.OK,
@@ -167,13 +169,31 @@ def test_the_slot_guard_counts_live_leases_only(store: Store) -> None:
     before = state_of(store)
     assert store.commit([admit("c")]) == [Outcome.FULL]
     assert state_of(store) == before
-    later = Commit("t1", NOW + 10, admit("c").writes, slot_limit=2)  # a's lease ran out
-    assert store.commit([later]) == [Outcome.OK]
+    later = Commit("t1", NOW + 10, admit("c").writes, slot_limit=2)
+    # a's lease ran out, but its slot is free only once its failure is committed
+    assert store.commit([later]) == [Outcome.FULL]
     assert store.due("t1", NOW + 10) == ["a"]
+    assert store.rollout("t1", NOW + 10).in_flight == 1
+    a = HostProgress("a", HostState.BACKOFF, attempts=1)
+    assert store.commit([Commit("t1", NOW + 10, (HostWrite(a, 1),))]) == [Outcome.OK]
+    assert store.commit([later]) == [Outcome.OK]
     assert store.rollout("t1", NOW + 10).in_flight == 2
     # a host that holds a live lease cannot take a second slot
     again = Commit("t1", NOW, admit("b", rev=1).writes, slot_limit=10)
     assert store.commit([again]) == [Outcome.FULL]
+    # another rollout's lease counts only while live
+    store.publish(task(limit=2, task_id="t2"), {"d": 0}, {"w0:members": 1})
+    d = HostProgress("d", HostState.ADMITTED, lease_until=NOW + 20)
+    d_takes = Commit("t2", NOW, (HostWrite(d, 0, NOW + 20, takes_slot=True),), slot_limit=2)
+    assert store.commit([d_takes]) == [Outcome.OK]
+    e = HostProgress("e", HostState.ADMITTED)
+    e_takes = (HostWrite(e, 0, NOW + 90, takes_slot=True),)
+    assert store.commit([Commit("t2", NOW, e_takes, slot_limit=3, slot_pools=("t2", "t1"))]) == [
+        Outcome.FULL
+    ]
+    assert store.commit(
+        [Commit("t2", NOW + 60, e_takes, slot_limit=3, slot_pools=("t2", "t1"))]
+    ) == [Outcome.OK]  # t1's leases (b until +50, c until +40) ran out; t2's own d counts
 
 
 def test_slots_shared_with_another_rollout_and_given_back_by_a_host_done_with_it(

@@ -7,8 +7,10 @@ carried out by a store all at once or not at all. Its guards say what the rule a
 * the rollout's status is one of :attr:`Guard.statuses`, its fields and counters have the
   values in :attr:`Guard.fields` and :attr:`Guard.counters`, and the hosts in
   :attr:`Commit.join` are not members yet;
-* when a write takes a slot, the live leases (deadline after :attr:`Commit.now`) of the
-  rollouts in :attr:`Commit.slot_pools`, plus the slots the commit takes, stay within
+* when a write takes a slot, the leases of this rollout (every one it holds: a lease that ran
+  out still counts until the failure it means is committed and the lease dropped), the live
+  leases (deadline after :attr:`Commit.now`) of the other rollouts in
+  :attr:`Commit.slot_pools`, plus the slots the commit takes, stay within
   :attr:`Commit.slot_limit`, and the host holds no live lease in them already.
 
 With :attr:`Commit.release_others`, the written hosts' leases in the other rollouts of

@@ -44,7 +44,7 @@ class Housekeeping(PlaneJob):
             now = self._clock()
             expired = self.expire(task, now)
             if expired:
-                log.info("%s: %d host(s) silent past their grace", task.id, expired)
+                log.debug("%s: %d host(s) silent past their grace", task.id, expired)
             rollout = self._store.rollout(task.id, now)
             step = rules.advance(task, rollout, lost=self._lost(task, rollout, now), now=now)
             if rollout.status == Status.ACTIVE and not self._artifacts_still_there(

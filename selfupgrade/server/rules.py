@@ -475,9 +475,9 @@ def silence_reason(task: Task, progress: HostProgress) -> str:
     """Why an admitted host's attempt failed when its lease ran out."""
     grace = progress.grace_s or task.limits.lease_s
     if progress.lease_until - grace <= progress.admitted_at:
-        return f"silent since the order: no heartbeat within {grace:g} s"
+        return f"silent since the order: no heartbeat within {grace:.0f} s"
     what = "working on the order" if progress.started else "after the order"
-    return f"silent for {grace:g} s since its last heartbeat ({what})"
+    return f"silent for {grace:.0f} s since its last heartbeat ({what})"
 
 
 def expire(task: Task, rollout: RolloutState, read: HostRead, now: float) -> Commit | None:

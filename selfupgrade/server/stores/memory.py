@@ -179,9 +179,14 @@ class MemoryStore:
                 for p in c.pools
                 if p in self._rollouts and p not in c.others
             ]
-            live = sum(p.live(c.now) for p in pools) + sum(
-                p.live(c.now) - sum(1 for w in c.writes if p.is_live(w.host, c.now))
-                for p in released
+            own = r.leases
+            live = (
+                len(own.until)  # held until released, even once run out
+                + sum(p.live(c.now) for p in pools if p is not own)
+                + sum(
+                    p.live(c.now) - sum(1 for w in c.writes if p.is_live(w.host, c.now))
+                    for p in released
+                )
             )
             if live + takes > c.slot_limit:
                 return Outcome.FULL

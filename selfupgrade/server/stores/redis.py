@@ -64,10 +64,10 @@ for _, w in ipairs(c.writes) do
   if rev ~= w.rev then return 'stale' end
 end
 if c.takes > 0 then
-  local live = 0
-  for i = 5, #KEYS do
+  local live = redis.call('ZCARD', KEYS[5])
+  for i = 6, #KEYS do
     live = live + redis.call('ZCOUNT', KEYS[i], '(' .. c.now, '+inf')
-    if i > 5 and c.release then
+    if c.release then
       for _, w in ipairs(c.writes) do
         local s = redis.call('ZSCORE', KEYS[i], w.host)
         if s and tonumber(s) > tonumber(c.now) then live = live - 1 end

@@ -350,9 +350,11 @@ class SqliteStore:
         if takes:
             pools = c.pools
             marks = ",".join("?" * len(pools))
+            # this rollout's leases until released (even run out); the others' while live
             (live,) = db.execute(
-                f"SELECT COUNT(*) FROM leases WHERE task_id IN ({marks}) AND until > ?",  # noqa: S608 - placeholders only
-                (*pools, c.now),
+                f"SELECT COUNT(*) FROM leases WHERE task_id IN ({marks})"  # noqa: S608 - placeholders only
+                " AND (task_id = ? OR until > ?)",
+                (*pools, c.task_id, c.now),
             ).fetchone()
             if live + takes > c.slot_limit:
                 raise _Stale(Outcome.FULL)
