@@ -170,6 +170,8 @@ def test_a_wrong_md5_is_a_failed_attempt_ordered_once_then_the_rollout_halts(
             )
             assert 0 < held.peak <= 2
             assert "were not checked (the artifact check is off)" in hbs.log()
+            seed_view = httpx.get(f"{hbs.url}/agentversions", timeout=5).json()
+            assert seed_view == {"msg": "success", "data": dict.fromkeys(fleet.names, OLD)}
 
 
 def test_config_only_and_both_files_tasks_complete_with_one_restart_each(
@@ -357,7 +359,9 @@ def test_cancel_and_publish_again_at_once_keeps_the_limit(
     still upgrading for the cancelled rollout count against the new one's limit."""
     binaries = build_agents(OLD, NEW)
     new = binaries[NEW].read_bytes()
-    artifact_server.add(f"open-falcon/bin_{NEW}", new, fault=Fault(trickle_bytes_per_s=3_000_000))
+    # 10 s a download, longer than the agents' 5 s interval: every agent beats while two
+    # download, and could be ordered
+    artifact_server.add(f"open-falcon/bin_{NEW}", new, fault=Fault(trickle_bytes_per_s=1_000_000))
     db = tmp_path / "hbs.db"
     with Hbs(
         f"sqlite:{db}",

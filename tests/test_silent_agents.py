@@ -41,6 +41,7 @@ def legacy(host: str = "h", version: str = "1.0", *, process: str = "L/1", **kw)
 
 
 def ordered(**kw) -> HostProgress:  # type: ignore[no-untyped-def]
+    kw.setdefault("admitted_at", 990.0)
     return HostProgress("h", "admitted", lease_until=2000.0, process="L/1", **kw)
 
 
@@ -54,6 +55,8 @@ CONFIG_ONLY = (Role.CFG,)
         (legacy(), ordered(), (Role.BIN,), Action.WAIT),
         (legacy(), ordered(idle_beats=1), (Role.BIN,), Action.FAIL),
         (legacy(state=S.DOWNLOADING), ordered(idle_beats=1), (Role.BIN,), Action.RENEW),
+        # still downloading a lease after the order (lease_s 30; ordered at 900): failed
+        (legacy(state=S.DOWNLOADING), ordered(admitted_at=900.0), (Role.BIN,), Action.FAIL),
         # a new process: the new version is done; the old one did not come up
         (legacy("h", "1.1", process="L/2"), ordered(), (Role.BIN,), Action.COMPLETE),
         (legacy(process="L/2"), ordered(), (Role.BIN,), Action.FAIL),
@@ -250,6 +253,17 @@ def test_a_refused_publish_publishes_nothing(artifact_server: ArtifactServer) ->
     with pytest.raises(FieldError) as caught:
         plane.commands.publish_seed(body)
     assert caught.value.field == "wgeturl" and "answered HTTP 404" in str(caught.value)
+    url = artifact_server.url("gone/bin_1.1")
+    rollout = {
+        "release": {
+            "version": "1.1",
+            "artifacts": {"bin": {"url": url, "digest": "md5:" + "0" * 32}},
+        },
+        "plan": {"waves": [{"percent": 100}]},
+    }
+    with pytest.raises(FieldError) as caught:
+        plane.commands.publish_rollout(rollout)
+    assert caught.value.field == "release" and url in str(caught.value)
     assert store.active_id() is None and store.tasks() == []
 
 

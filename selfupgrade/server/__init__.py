@@ -10,6 +10,7 @@ fleet simulator. ``docs/architecture.md`` draws the layers.
 Nothing here is imported by the agent side.
 """
 
+from .artifacts import ArtifactCheck, ArtifactUnavailable
 from .effects import Commit, Guard, HostWrite, Outcome
 from .plane import ControlPlane, PlaneConfig, Reply
 from .rules import Action, Decision, decide
@@ -29,6 +30,8 @@ from .tasks import (
 
 __all__ = [
     "Action",
+    "ArtifactCheck",
+    "ArtifactUnavailable",
     "Commit",
     "ControlPlane",
     "Decision",

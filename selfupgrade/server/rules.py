@@ -206,10 +206,10 @@ def decide(
             return Decision(Action.FAIL, beat.error or f"the agent reported {beat.state.value}")
         if progress.lease_until <= now:
             return Decision(Action.FAIL, silence_reason(task, progress))
+        if not beat.reports_state:
+            return judge_silent_agent(task, beat, progress, now)
         if beat.state in WORKING_STATES:
             return Decision(Action.RENEW)
-        if not beat.reports_state:
-            return judge_silent_agent(task, beat, progress)
         return Decision(Action.RESEND)
     if beat.version > task.version and not task.allow_downgrade:
         return NOTHING
@@ -220,7 +220,7 @@ def decide(
     return Decision(Action.ADMIT)
 
 
-def judge_silent_agent(task: Task, beat: Heartbeat, progress: HostProgress) -> Decision:
+def judge_silent_agent(task: Task, beat: Heartbeat, progress: HostProgress, now: float) -> Decision:
     """What the idle heartbeat of an admitted, unmodified falcon agent means.
 
     Such an agent says only its version and whether a download is running. After its order
@@ -231,9 +231,17 @@ def judge_silent_agent(task: Task, beat: Heartbeat, progress: HostProgress) -> D
     fallen between the end of the download and the agent's kill). From a new process it is
     the end of the attempt: a config-only task is done; otherwise the new version did not
     come up. When it cannot be told (hbs restarted since the order, or another replica sent
-    it), the order is sent to the reporting process once.
+    it), the order is sent to the reporting process once. A download that has not ended in a
+    restart within the task's ``lease_s`` of the order has failed too.
     """
     same = _same_process(progress.process, beat.process)
+    if beat.state in WORKING_STATES:
+        if now - progress.admitted_at > task.limits.lease_s:
+            return Decision(
+                Action.FAIL,
+                f"no restart within {task.limits.lease_s:g} s of the order: still downloading",
+            )
+        return Decision(Action.RENEW)
     if same is None:
         return Decision(Action.RESEND)
     if not same:
@@ -349,8 +357,11 @@ def _carry_out(
         renewed = replace(current, lease_until=lease, process=beat.process, idle_beats=0)
         return Commit(task.id, now, (HostWrite(renewed, rev, lease),), Guard(statuses=_RESENDING))
     if action == Action.RENEW:
-        write = HostWrite(replace(current, lease_until=lease, started=True), rev, lease)
-        return Commit(task.id, now, (write,))
+        # an unmodified agent's downloading beat also says which process is at work
+        working = replace(
+            current, lease_until=lease, started=True, process=beat.process or current.process
+        )
+        return Commit(task.id, now, (HostWrite(working, rev, lease),))
     if action == Action.WAIT:
         noted = replace(current, lease_until=lease, idle_beats=current.idle_beats + 1)
         return Commit(task.id, now, (HostWrite(noted, rev, lease),))
