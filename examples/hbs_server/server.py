@@ -141,6 +141,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
             failure_limit=pick(args.failure_limit, "failure_limit"),
             restart_grace_s=pick(args.restart_grace_s, "restart_grace_s"),
         )
+        if not isinstance(cfg["artifact_check"], bool):
+            raise ValueError(
+                f"artifact_check: must be true or false, got {cfg['artifact_check']!r}"
+            )
         check = (
             None
             if args.no_artifact_check or not cfg["artifact_check"]

@@ -225,7 +225,8 @@ def _handler_for(owner: ArtifactServer) -> type[http.server.BaseHTTPRequestHandl
             for i in range(0, len(body), step):
                 self.wfile.write(body[i : i + step])
                 self.wfile.flush()
-                time.sleep(0.1)
+                if i + step < len(body):  # not after the last bytes: the response is over
+                    time.sleep(0.1)
 
         def _endless(self, path: str, rng: str | None, fault: Fault) -> None:
             self.send_response(200)
