@@ -30,7 +30,11 @@ SEED = {"wgeturl": "http://127.0.0.1:9/f", "version": "1.1", "binfile_md5": "0" 
 
 
 def client(config: AppConfig, host: str = "127.0.0.1") -> TestClient:
-    return TestClient(create_app(ControlPlane(MemoryStore()), config), client=(host, 5000))
+    return TestClient(
+        create_app(ControlPlane(MemoryStore()), config),
+        base_url="http://127.0.0.1:6031",
+        client=(host, 5000),
+    )
 
 
 @pytest.mark.parametrize(

@@ -247,7 +247,11 @@ def snapshot(c: TestClient) -> list[object]:
 
 
 def test_a_malformed_manifest_is_refused_by_name() -> None:
-    c = TestClient(create_app(ControlPlane(MemoryStore())), client=("127.0.0.1", 5000))
+    c = TestClient(
+        create_app(ControlPlane(MemoryStore())),
+        base_url="http://127.0.0.1:6031",
+        client=("127.0.0.1", 5000),
+    )
     body = {
         "plan": {"waves": [{"percent": 50}]},
         "manifest": 7,
@@ -260,7 +264,11 @@ def test_a_malformed_manifest_is_refused_by_name() -> None:
 
 
 def test_hostile_requests_are_refused_and_change_nothing() -> None:
-    c = TestClient(create_app(ControlPlane(MemoryStore())), client=("127.0.0.1", 5000))
+    c = TestClient(
+        create_app(ControlPlane(MemoryStore())),
+        base_url="http://127.0.0.1:6031",
+        client=("127.0.0.1", 5000),
+    )
     c.post("/selfupgrade/v1/heartbeat", content=json.dumps({"host": "h1", "version": "1.0"}))
     assert (
         c.post(

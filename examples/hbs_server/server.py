@@ -54,6 +54,8 @@ configuration (cfg.json keys; a flag overrides its key):
   agent_tokens                                      {"<host>": "<token>"} per-host tokens
   tls.cert, tls.key            --tls-cert/--tls-key serve HTTPS with this certificate and key
   loopback_admin_only                               admin routes answer only local callers
+  allowed_hosts                                     names besides localhost by which admin routes
+                                                    may be reached (the Host header; DNS rebinding)
   max_body_bytes                                    larger request bodies get 413
   log_level                    --log-level LEVEL    debug, info, warning, error
 
@@ -170,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             tokens=dict(cfg.get("tokens") or {}),
             protect_reads=bool(cfg.get("protect_reads", False)),
             loopback_admin_only=bool(cfg["loopback_admin_only"]),
+            allowed_hosts=frozenset(str(h).lower() for h in cfg.get("allowed_hosts") or ()),
             agent_token=args.agent_token or cfg.get("agent_token", ""),
             agent_tokens=dict(cfg.get("agent_tokens") or {}),
             max_body_bytes=int(cfg["max_body_bytes"]),

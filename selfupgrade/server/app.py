@@ -22,11 +22,15 @@ Routes:
 
 Admin routes answer only callers on a loopback address (127.0.0.0/8 or ::1) that came without
 proxy headers (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``): a proxy on localhost does
-not make a remote caller local. With tokens configured they also need
-``Authorization: Bearer <token>`` of the ``write`` scope (compared in constant time); with
-``protect_reads`` the read routes need a ``read`` or ``write`` token. Heartbeats need the
-agent's token when ``agent_token`` or ``agent_tokens`` is set. Bodies are capped at
-``max_body_bytes``. Every error is JSON: ``{"msg": "error", "field": ..., "error": ...}``.
+not make a remote caller local. They also refuse what a web page could send (see
+:func:`browser_refusal`): a ``Host`` that is not a loopback name or one of ``allowed_hosts``
+(DNS rebinding), an ``Origin`` other than hbs's own or a cross-site ``Sec-Fetch-Site``
+(CSRF), and a body type other than JSON or curl's default form type. With tokens configured
+they also need ``Authorization: Bearer <token>`` of the ``write`` scope (compared in
+constant time); with ``protect_reads`` the read routes need a ``read`` or ``write`` token.
+Heartbeats need the agent's token when ``agent_token`` or ``agent_tokens`` is set. Bodies
+are capped at ``max_body_bytes``. Every error is JSON:
+``{"msg": "error", "field": ..., "error": ...}``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit
 
 try:
     from starlette.applications import Starlette
@@ -64,7 +69,7 @@ from .rollouts import release_from_json
 from .stores.base import StoreError
 from .tasks import FieldError, seed_args
 
-__all__ = ["AppConfig", "bearer_scope", "create_app", "token_matches"]
+__all__ = ["AppConfig", "bearer_scope", "browser_refusal", "create_app", "token_matches"]
 
 log = logging.getLogger("selfupgrade.server")
 _P = ParamSpec("_P")
@@ -73,6 +78,70 @@ _T = TypeVar("_T")
 HEARTBEAT_PATH = "/selfupgrade/v1/heartbeat"
 NOOP_PATH = "/selfupgrade/v1/noop"
 _PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+_BODY_TYPES = ("", "application/json", "application/x-www-form-urlencoded")
+"""Content types an admin body may have: JSON, none, or what ``curl -d`` sends by default (a
+browser's form can send that too; ``Origin`` is what stops it)."""
+
+
+def _host_port(host_header: str) -> tuple[str, str]:
+    """The name and port of a ``Host`` header (``[::1]:6031`` -> ``("::1", "6031")``)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        return name, rest.lstrip(":")
+    if host.count(":") == 1:
+        name, _, port = host.partition(":")
+        return name, port
+    return host, ""
+
+
+def _is_loopback_name(name: str) -> bool:
+    return name == "localhost" or name.endswith(".localhost") or _is_loopback(name)
+
+
+def browser_refusal(
+    headers: Mapping[str, str], allowed_hosts: frozenset[str]
+) -> tuple[int, str] | None:
+    """Why an admin request looks like one a web page made, or ``None``.
+
+    * ``Host`` must be a loopback name (``localhost``, ``127.x.x.x``, ``::1``) or one of
+      ``allowed_hosts``: a page whose own name was re-pointed at 127.0.0.1 (DNS rebinding)
+      sends its own name.
+    * ``Origin``, when sent (every browser sends it on a cross-origin POST), must be hbs's own:
+      the same host and port as ``Host``. ``Sec-Fetch-Site``, when sent, must be
+      ``same-origin`` or ``none`` (typed by the user).
+    * The body's ``Content-Type`` must be JSON, none, or curl's default form type: a page may
+      send ``text/plain`` or ``multipart/form-data`` without asking the server first.
+
+    ``curl`` sends no ``Origin`` and no ``Sec-Fetch-Site``: the article's commands pass.
+    """
+    host = headers.get("host", "")
+    name, port = _host_port(host)
+    if not (_is_loopback_name(name) or name in allowed_hosts):
+        return 403, (
+            f"Host {host!r} is not a loopback name or one of allowed_hosts: admin routes refuse "
+            "it (a web page re-pointed at this address would send its own name)"
+        )
+    origin = headers.get("origin")
+    if origin is not None:
+        parts = urlsplit(origin)
+        try:
+            theirs = (parts.hostname or "", str(parts.port or ""))
+        except ValueError:
+            theirs = ("", "")
+        if parts.scheme not in ("http", "https") or theirs != (name, port):
+            return 403, f"Origin {origin!r} is not hbs's own: admin routes refuse web pages"
+    site = headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        return 403, f"Sec-Fetch-Site {site!r}: admin routes refuse requests from web pages"
+    kind = headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind not in _BODY_TYPES:
+        return 415, (
+            f"Content-Type {kind!r} is not accepted here: send JSON (application/json), or "
+            "curl -d's default"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -86,6 +155,8 @@ class AppConfig:
         protect_reads: read routes (status, rollouts, versions, metrics) also need a token,
             ``read`` or ``write``.
         loopback_admin_only: admin routes answer only loopback callers (the seed's rule).
+        allowed_hosts: names besides the loopback ones by which admin routes may be reached
+            (the name part of ``Host``, lowercased), e.g. ``{"hbs.example.com"}``.
         agent_token: when set, heartbeats need ``Authorization: Bearer <agent_token>``.
         agent_tokens: per-host heartbeat tokens, ``{"<host>": "<token>"}``; a host without
             one is refused.
@@ -102,6 +173,7 @@ class AppConfig:
     tokens: Mapping[str, str] = field(default_factory=dict)
     protect_reads: bool = False
     loopback_admin_only: bool = True
+    allowed_hosts: frozenset[str] = frozenset()
     agent_token: str = ""
     agent_tokens: Mapping[str, str] = field(default_factory=dict)
     max_body_bytes: int = 64 * 1024
@@ -206,7 +278,13 @@ def create_app(
 
     scopes = cfg.scopes()
 
+    allowed_hosts = frozenset(h.lower() for h in cfg.allowed_hosts)
+
     def require_admin(request: Request) -> None:
+        refusal = browser_refusal(request.headers, allowed_hosts)
+        if refusal is not None:
+            log.warning("refused %s %s: %s", request.method, request.url.path, refusal[1])
+            raise _HttpError(*refusal)
         if cfg.loopback_admin_only:
             host = request.client.host if request.client else ""
             if not _is_loopback(host) or any(h in request.headers for h in _PROXY_HEADERS):
