@@ -43,6 +43,7 @@ __all__ = [
     "check_url",
     "falcon_release",
     "parse_version",
+    "visible",
 ]
 
 MAX_VERSION_LENGTH = 64
@@ -94,17 +95,31 @@ _PARSED: dict[str, Version] = {}
 _PARSED_MAX = 1024
 
 
+def visible(text: str) -> str:
+    """``text`` with every character that is not printable (newlines, ANSI escapes, bidi
+    overrides such as U+202E) written as an escape, so that a client's text cannot forge a log
+    line or reverse what a dashboard shows."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def check_url(url: object) -> str:
     """Return ``url`` if it is an absolute http or https URL with a host.
 
     Raises:
         UnsafeURL: for any other scheme (``file:``, ``ftp:``, ...), a missing host,
-            credentials in the URL, or control characters.
+            credentials in the URL, control characters, or a ``{...}`` placeholder.
     """
     if not isinstance(url, str) or not url:
         raise UnsafeURL(f"a URL must be a non-empty string, not {url!r}", url=repr(url))
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise UnsafeURL(f"URL {url!r} contains whitespace or control characters", url=url)
+    if "{" in url or "}" in url:
+        raise UnsafeURL(
+            f"URL {url!r} contains a template placeholder ({{...}}); give the URL itself",
+            url=url,
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UnsafeURL(f"URL {url!r}: only http and https are allowed", url=url)
@@ -497,7 +512,7 @@ class Heartbeat:
             host=host,
             version=parse_version(obj.get("version")),
             state=state,
-            error=error[:1000] if error else None,
+            error=visible(error[:1000]) if error else None,
             task_id=task_id,
             failed_version=parse_version(failed) if failed else None,
             labels=labels,

@@ -13,6 +13,8 @@ import contextlib
 import gc
 import json
 import logging
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +49,12 @@ configuration (cfg.json keys; a flag overrides its key):
                                                     before each wave and periodically (default on)
   artifact_recheck_s           --artifact-recheck-s S  check an active rollout's artifacts every S s
   artifact_max_bytes, artifact_deadline_s           the check's size cap and time limit
-  admin_token                  --admin-token T      admin routes also need 'Bearer T'
+  admin_token                  --admin-token-file F admin routes also need 'Bearer T' (also
+                                                    $HBS_ADMIN_TOKEN, or --admin-token T)
   tokens                                            {"<token>": "read"|"write"} scoped tokens
   protect_reads                                     read routes need a read or write token
-  agent_token                  --agent-token T      heartbeats need 'Bearer T' (RPC: Token)
+  agent_token                  --agent-token-file F heartbeats need 'Bearer T' (RPC: Token; also
+                                                    $HBS_AGENT_TOKEN, or --agent-token T)
   agent_tokens                                      {"<host>": "<token>"} per-host tokens
   tls.cert, tls.key            --tls-cert/--tls-key serve HTTPS with this certificate and key
   loopback_admin_only                               admin routes answer only local callers
@@ -110,8 +114,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="publish without fetching the artifacts first (logged at each publish)",
     )
     parser.add_argument("--artifact-recheck-s", type=float)
-    parser.add_argument("--admin-token", help="a write-scope token for admin routes")
-    parser.add_argument("--agent-token", help="a shared token agents must send")
+    parser.add_argument(
+        "--admin-token",
+        help="a write-scope token for admin routes (visible to local users in ps; prefer "
+        "--admin-token-file or $HBS_ADMIN_TOKEN)",
+    )
+    parser.add_argument("--admin-token-file", type=Path, help="read the admin token from a file")
+    parser.add_argument(
+        "--agent-token",
+        help="a shared token agents must send (prefer --agent-token-file or $HBS_AGENT_TOKEN)",
+    )
+    parser.add_argument("--agent-token-file", type=Path, help="read the agent token from a file")
     parser.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     parser.add_argument("--log-level")
@@ -168,12 +181,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         store=pick(args.store, "store"),
         plane=plane,
         app=AppConfig(
-            admin_token=pick(args.admin_token, "admin_token"),
+            admin_token=_secret(args, "admin_token", cfg),
             tokens=dict(cfg.get("tokens") or {}),
             protect_reads=bool(cfg.get("protect_reads", False)),
             loopback_admin_only=bool(cfg["loopback_admin_only"]),
             allowed_hosts=frozenset(str(h).lower() for h in cfg.get("allowed_hosts") or ()),
-            agent_token=args.agent_token or cfg.get("agent_token", ""),
+            agent_token=_secret(args, "agent_token", cfg),
             agent_tokens=dict(cfg.get("agent_tokens") or {}),
             max_body_bytes=int(cfg["max_body_bytes"]),
             noop_route=args.bench_noop,
@@ -181,6 +194,29 @@ def parse_args(argv: list[str] | None = None) -> Config:
         log_level=pick(args.log_level, "log_level"),
         tls=_tls(args, cfg),
     )
+
+
+def _secret(args: argparse.Namespace, key: str, cfg: dict[str, Any]) -> str:
+    """A token from, in order: ``--<key>-file``, ``$HBS_<KEY>``, ``--<key>`` (with a warning:
+    a command line is readable by every local user), cfg.json."""
+    path = getattr(args, f"{key}_file")
+    if path is not None:
+        try:
+            return str(path.read_text().strip())
+        except OSError as exc:
+            raise SystemExit(f"hbs: cannot read --{key.replace('_', '-')}-file: {exc}") from None
+    from_env = os.environ.get(f"HBS_{key.upper()}")
+    if from_env:
+        return from_env
+    flag = getattr(args, key)
+    if flag:
+        print(
+            f"hbs: warning: --{key.replace('_', '-')} is readable by every local user in "
+            f"/proc/<pid>/cmdline; use --{key.replace('_', '-')}-file or $HBS_{key.upper()}",
+            file=sys.stderr,
+        )
+        return str(flag)
+    return str(cfg.get(key, "") or "")
 
 
 def _tls(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[Path, Path] | None:
@@ -261,6 +297,18 @@ async def serve(cfg: Config) -> None:
         log.info("hbs stopped")
 
 
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM end hbs through its own shutdown (close the listener, flush, close the
+    store). uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the
+    handler it found; with the default one the process dies there, before ``serve``'s
+    ``finally``. This one turns it into ``SystemExit``, which runs it."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     cfg = parse_args(argv)
@@ -275,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         log.warning("uvloop is not installed; using the default event loop (slower)")
+    _stop_on_sigterm()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(cfg))
     return 0

@@ -59,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ..models import Heartbeat
+from ._json import UntrustedJSONError, loads_untrusted
 from .batch import HeartbeatBatcher
 from .commands import NoSuchRollout
 from .dashboard import DASHBOARD_HTML
@@ -272,9 +273,9 @@ def create_app(
             if len(body) > cfg.max_body_bytes:
                 raise _HttpError(413, f"body larger than {cfg.max_body_bytes} bytes")
         try:
-            return json.loads(bytes(body))
-        except ValueError:
-            raise _HttpError(400, "body is not valid JSON", "body") from None
+            return loads_untrusted(bytes(body))
+        except UntrustedJSONError as exc:
+            raise _HttpError(400, f"body: {exc}", "body") from None
 
     scopes = cfg.scopes()
 
@@ -303,9 +304,9 @@ def create_app(
 
     async def heartbeat(body: bytes, authorization: bytes) -> bytes:
         try:
-            data = json.loads(body)
-        except ValueError:
-            raise _HttpError(400, "body is not valid JSON", "body") from None
+            data = loads_untrusted(body)
+        except UntrustedJSONError as exc:
+            raise _HttpError(400, f"body: {exc}", "body") from None
         try:
             beat = Heartbeat.from_wire(data)
         except ValueError as exc:
@@ -319,9 +320,9 @@ def create_app(
 
     async def noop(body: bytes, authorization: bytes) -> bytes:
         try:
-            json.loads(body)
-        except ValueError:
-            raise _HttpError(400, "body is not valid JSON", "body") from None
+            loads_untrusted(body)
+        except UntrustedJSONError as exc:
+            raise _HttpError(400, f"body: {exc}", "body") from None
         return _NO_ORDER
 
     orders = _OrderBytes()

@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..models import Heartbeat, UpgradeState, parse_version
+from ._json import loads_untrusted
 from .batch import HeartbeatBatcher
 from .plane import ControlPlane
 
@@ -201,7 +202,7 @@ class _Listener:
                 if not line.strip():
                     continue
                 try:
-                    frame = json.loads(line)
+                    frame = loads_untrusted(line)
                     method, params, call_id = frame["method"], frame.get("params"), frame["id"]
                 except (ValueError, KeyError, TypeError):
                     log.warning("malformed frame; closing the connection")

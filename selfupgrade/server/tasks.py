@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -105,8 +106,13 @@ class TaskLimits:
                 raise FieldError(name, "must be a positive integer")
         for name in ("lease_s", "retry_backoff_s", "restart_grace_s"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise FieldError(name, "must be a positive number")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise FieldError(name, "must be a positive, finite number")
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,15 @@ hbs replicas share state through :class:`~selfupgrade.server.stores.redis.RedisS
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-
-import filelock
 
 from ..effects import Commit, Outcome
 from ..tasks import (
@@ -84,25 +84,49 @@ class _Stale(Exception):
         self.outcome = outcome
 
 
+class _FileLock:
+    """An exclusive ``flock`` on the database file itself: the same file reached through a
+    symlink or a hard link is the same lock. An existing empty file is refused (it is not a
+    store; SQLite would take it for a new one)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            if path.exists() and path.stat().st_size == 0:
+                raise StoreError(
+                    f"{path} is an empty file, not an hbs store; remove it to start a new store"
+                )
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open {path}: {exc}") from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            raise StoreError(
+                f"another hbs process uses {path} (perhaps through another name: a link); one "
+                "embedded store serves one process (use the Redis store for several hbs "
+                "replicas)"
+            ) from None
+
+    def release(self) -> None:
+        """Let another process open the store."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class SqliteStore:
     """The embedded store. ``path`` is created if missing.
 
     Raises:
-        StoreError: the file cannot be opened, was written by an older hbs, or another
-            process uses it.
+        StoreError: the file cannot be opened, is empty, was written by an older hbs, or
+            another process uses it (under any of its names).
     """
 
     def __init__(self, path: str | Path, *, timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._flock = filelock.FileLock(str(self.path) + ".lock", timeout=0)
-        try:
-            self._flock.acquire()
-        except filelock.Timeout:
-            raise StoreError(
-                f"another hbs process uses {self.path}; one embedded store serves one process "
-                "(use the Redis store for several hbs replicas)"
-            ) from None
+        self._flock = _FileLock(self.path)
         self._lock = threading.Lock()
         self._tasks: dict[str, Task] = {}
         try:
