@@ -93,3 +93,109 @@ def test_a_frozen_redis_delays_nothing_but_heartbeats_and_those_by_their_deadlin
         wait_until("an order for b", lambda: beat("b").json()["order"] is not None)
         assert "store failed" in hbs.log() or "did not answer" in hbs.log()
     client.close()
+
+
+def test_an_outage_longer_than_a_lease_fails_no_host(tmp_path: Path) -> None:
+    """Redis frozen for 10 s under hosts with a 4 s grace that keep reporting a download: no
+    failed attempt, no halt, every host finishes (issue 11, point 5)."""
+    if find_redis_server() is None:
+        if os.environ.get("SELFUPGRADE_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is required (SELFUPGRADE_REQUIRE_REDIS=1) but not installed")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    client = httpx.Client(timeout=30, trust_env=False)
+    hosts = ["h1", "h2", "h3"]
+
+    def beat(host: str, version: str = "1.0", state: UpgradeState = UpgradeState.IDLE) -> object:
+        wire = Heartbeat(host, parse_version(version), state).to_wire()
+        try:
+            return client.post(f"{hbs.url}/selfupgrade/v1/heartbeat", json=wire).json()["order"]
+        except httpx.HTTPError:
+            return None
+
+    with (
+        RedisServer() as redis,
+        Hbs(
+            redis.url,
+            tmp_path / "hbs.log",
+            queue=3,
+            lease_s=4,
+            restart_grace_s=1,
+            failure_limit=1,
+            no_artifact_check=True,
+        ) as hbs,
+    ):
+        assert redis.pid is not None
+        for _ in range(3):  # hbs learns their interval (0.5 s: a grace of 3 x 1 + 1 = 4 s)
+            for h in hosts:
+                beat(h)
+            time.sleep(0.5)
+        body = {"wgeturl": "http://127.0.0.1:9/f", "version": "1.1", "binfile_md5": "0" * 32}
+        assert client.post(f"{hbs.url}/agent/upgrade", json=body).status_code == 200
+        wait_until("3 orders", lambda: all(beat(h) for h in hosts))
+
+        def downloading_for(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for h in hosts:
+                    beat(h, state=UpgradeState.DOWNLOADING)
+                time.sleep(0.5)
+
+        downloading_for(2)
+        os.kill(redis.pid, signal.SIGSTOP)
+        try:
+            downloading_for(10)  # each answered "no order" at the deadline; the store is frozen
+        finally:
+            os.kill(redis.pid, signal.SIGCONT)
+        downloading_for(3)
+        after = hbs.status()["counters"]
+        for h in hosts:
+            beat(h, "1.1")
+        wait_until(
+            "the rollout to complete",
+            lambda: hbs.status()["counters"]["status"] == "complete",
+            explain=hbs.log,
+        )
+        final = hbs.status()["counters"]
+        print(
+            f"after a 10 s outage under a 4 s grace: {after['status']}, failures "
+            f"{after['failures']}, in flight {after['in_flight']}; then done {final['done']}, "
+            f"failures {final['failures']}"
+        )
+        assert after["status"] == "active" and after["failures"] == 0, hbs.log()
+        assert after["in_flight"] == 3
+        assert final["failures"] == 0 and final["done"] == 3
+
+
+def test_a_redis_that_lost_its_data_is_reported_not_shown_as_cancelled(tmp_path: Path) -> None:
+    """Redis killed and started again empty on the same port (no persistence, as the test
+    Redis runs): hbs warned at start that it would be so, and says loudly what happened."""
+    if find_redis_server() is None:
+        if os.environ.get("SELFUPGRADE_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is required (SELFUPGRADE_REQUIRE_REDIS=1) but not installed")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    client = httpx.Client(timeout=30, trust_env=False)
+    first = RedisServer().start()
+    try:
+        with Hbs(first.url, tmp_path / "hbs.log", no_artifact_check=True) as hbs:
+            assert "keeps nothing on disk" in hbs.log()
+            wire = Heartbeat("h", parse_version("1.0"), UpgradeState.IDLE).to_wire()
+            client.post(f"{hbs.url}/selfupgrade/v1/heartbeat", json=wire)
+            body = {"wgeturl": "http://127.0.0.1:9/f", "version": "1.1", "binfile_md5": "0" * 32}
+            assert client.post(f"{hbs.url}/agent/upgrade", json=body).status_code == 200
+            assert hbs.status()["task"] is not None
+            port = first.port
+            first.stop()  # by PID; it kept nothing
+            first = RedisServer(port=port).start()
+            wait_until(
+                "hbs to notice",
+                lambda: hbs.status().get("store_warning", ""),
+                timeout_s=30,
+                explain=hbs.log,
+            )
+            status = hbs.status()
+            print(f"status: {status['counters']['status']}; warning: {status['store_warning']}")
+            assert "the store lost its data" in status["store_warning"]
+            assert "the store lost its data" in hbs.log()
+            assert status["counters"]["status"] != "cancelled"
+    finally:
+        first.stop()

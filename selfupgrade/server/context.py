@@ -3,6 +3,7 @@ the settings and the clock (one :class:`PlaneContext`, handed to each job)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from .stores.base import Store
 from .tasks import RolloutState, Task, TaskLimits
 
 __all__ = ["PlaneConfig", "PlaneContext", "PlaneJob", "RolloutCache"]
+
+log = logging.getLogger("selfupgrade.server")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class PlaneConfig:
             during a rollout (a failed re-check pauses it); ``None``: no check, and each
             publish logs that its artifacts were not checked. hbs turns it on by default.
         artifact_recheck_s: how often an active rollout's artifacts are checked again.
+        deaf_after_s: when housekeeping last completed longer ago than this (the store
+            failed or stalled, hbs was stopped or paused), hbs could not hear anyone meanwhile:
+            leases that ran out in that time are renewed, not failed.
     """
 
     limits: TaskLimits = field(default_factory=TaskLimits)
@@ -49,6 +55,7 @@ class PlaneConfig:
     full_backoff_s: float = 0.2
     artifact_check: ArtifactCheck | None = None
     artifact_recheck_s: float = 60.0
+    deaf_after_s: float = 5.0
 
 
 class RolloutCache:
@@ -62,6 +69,8 @@ class RolloutCache:
         self._read_at = -math.inf
         self.full_until = -math.inf
         """Until when admissions are answered "not now" without asking the store."""
+        self.lost = ""
+        """Why the store seems to have lost its data ("": it has not), for the status."""
 
     def get(self, now: float, *, fresh: bool = False) -> tuple[Task, RolloutState] | None:
         """The active rollout and its state (``fresh``: read now, whatever the cache holds).
@@ -74,9 +83,26 @@ class RolloutCache:
         task_id = self._store.active_id()
         task = self._store.task(task_id) if task_id is not None else None
         value = (task, self._store.rollout(task.id, now)) if task is not None else None
+        before = self._value
+        if value is None and before is not None:
+            self._check_not_lost(before[0])
+        elif value is not None:
+            self.lost = ""
         with self._lock:
             self._value, self._read_at = value, now
         return value
+
+    def _check_not_lost(self, task: Task) -> None:
+        """The active rollout is no longer active: cancelled (it is still listed), or gone
+        with everything else (a Redis restarted without its data, a store file replaced)."""
+        if any(t.id == task.id for t in self._store.tasks()):
+            return
+        self.lost = (
+            f"the store lost its data: rollout {task.id} ({task.version}) vanished without "
+            "being cancelled (a Redis restarted without persistence, a replaced store file?); "
+            "its hosts' progress and leases are gone: publish it again"
+        )
+        log.error("%s", self.lost)
 
     def update(self, task: Task, rollout: RolloutState) -> None:
         """A fresher state of ``task``, read by someone else."""

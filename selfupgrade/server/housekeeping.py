@@ -1,13 +1,15 @@
 """Housekeeping: the control plane's periodic work, run every second by hbs.
 
 Flush the fleet view to the store; expire the leases that ran out without news (each a failed
-attempt, :func:`~selfupgrade.server.rules.expire`); count the lost hosts of the current wave
+attempt, :func:`~selfupgrade.server.rules.expire`; not those that ran out while hbs could not
+hear anyone: a store outage, a stalled store, hbs stopped); count the lost hosts of the current wave
 and move the rollout on (:func:`~selfupgrade.server.rules.advance`: bake, promote, complete).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 from . import rules
@@ -31,6 +33,11 @@ class Housekeeping(PlaneJob):
         self._pause = pause
         self._silent: tuple[str, int, float, list[str]] = ("", -1, -1e18, [])
         self._checked: tuple[str, float] = ("", 0.0)
+        # When a tick last completed: a longer gap than deaf_after_s means hbs could not hear
+        # anyone meanwhile (the store failed or stalled, hbs was stopped or paused). Before
+        # this process started, nobody may have heard either (hbs was down).
+        self._heard_until = self._clock()
+        self._deaf: tuple[float, float] | None = (-math.inf, self._heard_until)
 
     def tick(self) -> None:
         """Flush, expire leases, advance the rollout. A store failure is logged; the next
@@ -42,7 +49,10 @@ class Housekeeping(PlaneJob):
             if task is None:
                 return
             now = self._clock()
-            expired = self.expire(task, now)
+            if now - self._heard_until > self._config.deaf_after_s:
+                since = self._deaf[0] if self._deaf is not None else self._heard_until
+                self._deaf = (since, now)
+            expired = self.expire(task, now, deaf=self._deaf)
             if expired:
                 log.debug("%s: %d host(s) silent past their grace", task.id, expired)
             rollout = self._store.rollout(task.id, now)
@@ -57,6 +67,7 @@ class Housekeeping(PlaneJob):
                 elif step.kind == "complete":
                     log.info("%s complete", task.id)
                 self._cache.forget()
+            self._heard_until, self._deaf = self._clock(), None
         except StoreError as exc:
             log.error("periodic work failed (will retry): %s", exc)
 
@@ -84,8 +95,9 @@ class Housekeeping(PlaneJob):
             return False
         return True
 
-    def expire(self, task: Task, now: float) -> int:
-        """Fail the attempts whose lease ran out by ``now``; return how many.
+    def expire(self, task: Task, now: float, *, deaf: tuple[float, float] | None = None) -> int:
+        """Fail the attempts whose lease ran out by ``now``; return how many. Leases that ran
+        out while hbs could not hear (``deaf``: since, until) get a new grace instead.
 
         Raises:
             StoreError: the store failed.
@@ -97,11 +109,13 @@ class Housekeeping(PlaneJob):
             def decide(host: str = host, decided: list[Commit | None] = decided) -> Commit | None:
                 rollout = self._store.rollout(task.id, now)
                 read = self._store.read(task.id, [host])[0]
-                decided[0] = rules.expire(task, rollout, read, now)
+                decided[0] = rules.expire(task, rollout, read, now, deaf=deaf)
                 return decided[0]
 
             outcome = commit_until_settled(self._store, decide, what=f"expire {host}")
             commit = decided[0]
+            if outcome == Outcome.OK and commit is not None and not commit.add and deaf:
+                log.info("%s: %s's lease ran out while hbs could not hear: renewed", task.id, host)
             if outcome == Outcome.OK and commit is not None and commit.add:
                 log.warning(
                     "%s failed an attempt at %s: %s",

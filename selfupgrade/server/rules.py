@@ -17,8 +17,8 @@ What a heartbeat means (:func:`decide`), in order:
 3. It holds a slot:
    * it reports a *new* failure of this task (its failure count grew since it was
      admitted): the attempt failed; the slot is released, the host backs off or is given up;
-   * its lease ran out: the attempt failed (it was silent for its grace, see
-     :func:`silence_grace`);
+   * (its lease running out is housekeeping's business, :func:`expire`: a host that speaks
+     is judged on what it says);
    * it reports working on the order (downloading ... restarting): the lease is renewed;
    * an unmodified falcon agent, which reports only its version and ``InUpgrading``, is
      judged by :func:`judge_silent_agent`: the order is never sent twice to one process;
@@ -204,8 +204,6 @@ def decide(
         assert progress is not None
         if _reports_new_failure(task, beat, progress):
             return Decision(Action.FAIL, beat.error or f"the agent reported {beat.state.value}")
-        if progress.lease_until <= now:
-            return Decision(Action.FAIL, silence_reason(task, progress))
         if not beat.reports_state:
             return judge_silent_agent(task, beat, progress, now)
         if beat.state in WORKING_STATES:
@@ -491,14 +489,30 @@ def silence_reason(task: Task, progress: HostProgress) -> str:
     return f"silent for {grace:.0f} s since its last heartbeat ({what})"
 
 
-def expire(task: Task, rollout: RolloutState, read: HostRead, now: float) -> Commit | None:
+def expire(
+    task: Task,
+    rollout: RolloutState,
+    read: HostRead,
+    now: float,
+    *,
+    deaf: tuple[float, float] | None = None,
+) -> Commit | None:
     """A host whose lease ran out without news has failed its attempt. The lease of a host
-    that no longer holds a slot (its rollout was cancelled while it upgraded) is dropped."""
+    that no longer holds a slot (its rollout was cancelled while it upgraded) is dropped.
+
+    Args:
+        deaf: ``(since, until)``: hbs could not hear anyone in that time (the store failed or
+            stalled, hbs was stopped): a lease that ran out then is not a failure of its
+            host, and gets a new grace from ``now``.
+    """
     p = read.progress
     if p is None or p.lease_until > now:
         return None
     if p.state != HostState.ADMITTED:
         return Commit(task.id, now, (HostWrite(p, p.rev),))
+    if deaf is not None and deaf[0] < p.lease_until <= deaf[1]:
+        lease = now + (p.grace_s or task.limits.lease_s)
+        return Commit(task.id, now, (HostWrite(replace(p, lease_until=lease), p.rev, lease),))
     commit = failed(task, rollout, p, read.wave, silence_reason(task, p), now)
     return replace(commit, add={**commit.add, "silent": 1})
 

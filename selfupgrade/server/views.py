@@ -93,11 +93,15 @@ def eta_s(
 
 
 def status_view(
-    task: Task | None, rollout: RolloutState, hosts: Mapping[str, HostSeen]
+    task: Task | None,
+    rollout: RolloutState,
+    hosts: Mapping[str, HostSeen],
+    store_warning: str = "",
 ) -> dict[str, Any]:
     """``GET /selfupgrade/v1/status``: the active rollout, its counters, the fleet by version
-    and by state."""
+    and by state, and ``store_warning`` when the store seems to have lost its data."""
     return {
+        "store_warning": store_warning,
         "task": task.to_json() if task is not None else None,
         "counters": {
             "status": rollout.status.value if task is not None else "none",
@@ -261,7 +265,7 @@ class Views(PlaneJob):
         """See :func:`status_view`."""
         active = self.active()
         task, rollout = active if active is not None else (None, RolloutState())
-        return status_view(task, rollout, self._fleet.all())
+        return status_view(task, rollout, self._fleet.all(), self._cache.lost)
 
     def summaries(self) -> list[dict[str, Any]]:
         """One line per rollout, newest first."""

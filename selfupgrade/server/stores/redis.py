@@ -23,6 +23,7 @@ Keys (one hash tag, so a Redis Cluster keeps them on one shard)::
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -39,6 +40,8 @@ from ..tasks import NO_ROLLOUT, HostProgress, HostRead, HostSeen, RolloutState, 
 from .base import StoreError
 
 __all__ = ["RedisStore"]
+
+log = logging.getLogger("selfupgrade.server")
 
 _COMMIT = """
 local c = cjson.decode(ARGV[1])
@@ -146,6 +149,23 @@ class RedisStore:
         self._tasks: dict[str, Task] = {}
         self._count_lock = threading.Lock()
         self.round_trips = 0
+        self._warn_without_persistence()
+
+    def _warn_without_persistence(self) -> None:
+        """Say at start when this Redis keeps nothing on disk: restarted, it would come back
+        empty, and every rollout with it."""
+        try:
+            save = self._r.config_get("save").get("save", "")
+            aof = self._r.config_get("appendonly").get("appendonly", "no")
+        except redis.RedisError as exc:  # CONFIG may be disabled on a managed Redis
+            log.info("could not ask Redis at %s how it persists: %s", self._url, exc)
+            return
+        if not save and aof != "yes":
+            log.warning(
+                "Redis at %s keeps nothing on disk (no RDB snapshots, no AOF): if it restarts, "
+                "every rollout and lease is gone; set 'appendonly yes' or a 'save' schedule",
+                self._url,
+            )
 
     def _keys(self, task_id: str) -> tuple[str, str, str, str]:
         base = f"{self._p}:task:{task_id}"
