@@ -161,3 +161,48 @@ def test_sigterm_runs_hbss_own_shutdown(tmp_path: Path) -> None:
     assert not (tmp_path / "hbs.db-wal").exists()  # the store was closed (WAL checkpointed)
     with sqlite3.connect(db) as conn:  # and the heartbeat was flushed before it
         assert conn.execute("SELECT COUNT(*) FROM hosts").fetchone() == (1,)
+
+
+def test_five_thousand_fake_versions_give_twenty_one_series(tmp_path: Path) -> None:
+    """Issue 11, point 3: hosts reporting any version cannot grow the scrape without bound."""
+    with Hbs(f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log") as hbs:
+        client = httpx.Client(timeout=30, trust_env=False)
+        url = f"{hbs.url}/selfupgrade/v1/heartbeat"
+        for i in range(30):  # 30 real hosts on 6.0.0
+            client.post(url, json=beat(f"real-{i}", version="6.0.0"))
+        for i in range(5000):
+            wire = {**beat(f"fake-{i}"), "version": f"9.{i}"}
+            client.post(url, json=wire)
+        text = client.get(f"{hbs.url}/metrics").text
+        series = [x for x in text.splitlines() if x.startswith("selfupgrade_hosts{")]
+        print(f"5,030 hosts on 5,001 versions: {len(series)} selfupgrade_hosts series")
+        assert len(series) == 21
+        assert 'selfupgrade_hosts{version="6.0.0"} 30.0' in series
+        assert 'selfupgrade_hosts{version="other"} 4981.0' in series
+
+
+def test_the_sqlite_wal_is_cut_back_while_hbs_runs(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from selfupgrade.server.stores import sqlite as sqlite_store
+    from selfupgrade.server.tasks import HostSeen
+
+    monkeypatch.setattr(sqlite_store, "_WAL_LIMIT_BYTES", 1 << 20)
+    store = SqliteStore(tmp_path / "hbs.db")
+    wal = tmp_path / "hbs.db-wal"
+    try:
+        now = time.time()
+        for r in range(3):
+            store.save_hosts(
+                HostSeen(f"fake-{r}-{i}" + "x" * 100, "1.0", "idle", now, "e" * 200, {})
+                for i in range(5000)
+            )
+        grown = wal.stat().st_size
+        time.sleep(1.5)  # the checkpoint thread runs every second
+        store.save_hosts([HostSeen("one", "1.0", "idle", now, None, {})])
+        time.sleep(1.5)
+        store.save_hosts([HostSeen("two", "1.0", "idle", now, None, {})])
+        after = wal.stat().st_size
+    finally:
+        store.close()
+    print(f"WAL {grown / 2**20:.1f} MB after a burst, {after / 2**20:.2f} MB once checkpointed")
+    assert grown > 2 << 20
+    assert after <= 1 << 20

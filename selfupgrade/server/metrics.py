@@ -1,6 +1,7 @@
 """Prometheus metrics of hbs, rendered at scrape time from the control plane's state.
 
-    selfupgrade_hosts{version}              hosts by the version they last reported
+    selfupgrade_hosts{version}              hosts by the version they last reported (the 20
+                                            most common; the rest as version="other")
     selfupgrade_hosts_by_state{state}       hosts by upgrade state
     selfupgrade_slots_in_use                upgrade slots held in the active rollout
     selfupgrade_slots_limit                 the current wave's limit
@@ -26,7 +27,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from .views import MetricsSnapshot
 
-__all__ = ["METRICS_CONTENT_TYPE", "render_metrics"]
+__all__ = ["MAX_VERSION_SERIES", "METRICS_CONTENT_TYPE", "render_metrics"]
+
+MAX_VERSION_SERIES = 20
+"""``selfupgrade_hosts`` has a series for each of the most common versions, and one ``other``
+for the rest: hosts may report any version string, and a series per string would let them
+grow the scrape (and the time-series database) without bound."""
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 _PHASES = ("active", "paused", "halted", "aborted", "complete", "cancelled")
@@ -41,8 +47,11 @@ class _SnapshotCollector:
         by_version = GaugeMetricFamily(
             "selfupgrade_hosts", "Hosts by the version they last reported.", labels=["version"]
         )
-        for version, n in sorted(snap.versions.items()):
+        top = sorted(snap.versions.items(), key=lambda kv: (-kv[1], kv[0]))
+        for version, n in sorted(top[:MAX_VERSION_SERIES]):
             by_version.add_metric([version], n)
+        if len(top) > MAX_VERSION_SERIES:
+            by_version.add_metric(["other"], sum(n for _, n in top[MAX_VERSION_SERIES:]))
         yield by_version
         by_state = GaugeMetricFamily(
             "selfupgrade_hosts_by_state", "Hosts by upgrade state.", labels=["state"]

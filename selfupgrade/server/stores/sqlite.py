@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS bad_versions (version TEXT PRIMARY KEY, reason TEXT N
 _CHUNK = 500
 _MEMBERS_CHUNK = 10_000
 _CHECKPOINT_S = 1.0
+_WAL_LIMIT_BYTES = 64 << 20
 
 
 class _Stale(Exception):
@@ -138,6 +139,10 @@ class SqliteStore:
             # Checkpoints are left to a thread of their own on a second connection: run by
             # the writing connection, they would stall the commit that crossed the limit.
             self._db.execute("PRAGMA wal_autocheckpoint=0")
+            # Once checkpointed, a WAL that grew past this is cut back to it when writing
+            # starts over at its beginning: a burst (a publish to 600,000 hosts, a flood of
+            # new names) does not leave a file of gigabytes for as long as hbs runs.
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")
             self._check_schema()
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
