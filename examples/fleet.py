@@ -7,6 +7,7 @@ stopped by PID, also on errors (both classes are context managers).
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ class Hbs:
         rpc: bool = False,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        nofile: int | None = None,
         **limits: Any,
     ) -> None:
         self.store = store
@@ -52,6 +54,7 @@ class Hbs:
         self.port = port or free_port()
         self.rpc_port = free_port() if rpc else None
         self.limits = {"queue": 3, "lease_s": 10, "retry_backoff_s": 2, **limits}
+        self.nofile = nofile
         self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -80,7 +83,12 @@ class Hbs:
             args += ["--tls-cert", str(self.tls[0]), "--tls-key", str(self.tls[1])]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                preexec_fn=self._limit_files if self.nofile else None,
             )
         deadline = time.monotonic() + 30
         while True:
@@ -89,6 +97,11 @@ class Hbs:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"hbs did not start:\n{self.log()}")
             time.sleep(0.05)
+
+    def _limit_files(self) -> None:
+        """In the child: at most ``nofile`` open files (systemd's default is 1024)."""
+        assert self.nofile is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def _ready(self) -> bool:
         if self.tls:  # the certificate is the test's business; readiness is the open port

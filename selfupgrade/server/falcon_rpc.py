@@ -28,15 +28,16 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..models import Heartbeat, UpgradeState, parse_version
 from ._json import loads_untrusted
 from .batch import HeartbeatBatcher
+from .http_limits import connection_cap
 from .plane import ControlPlane
 
-__all__ = ["ProcessTracker", "heartbeat_from_report", "serve_falcon_rpc"]
+__all__ = ["ProcessTracker", "RpcLimits", "heartbeat_from_report", "serve_falcon_rpc"]
 
 log = logging.getLogger("selfupgrade.server.rpc")
 
@@ -137,11 +138,18 @@ class _Listener:
         beats: HeartbeatBatcher,
         max_frame_bytes: int,
         token_for: Callable[[str], str | None] | None,
+        limits: RpcLimits,
     ) -> None:
         self.beats = beats
         self.max = max_frame_bytes
         self.token_for = token_for
+        self.limits = limits
         self.processes = ProcessTracker()
+        self.open = 0
+        # connections that have not sent a frame yet, oldest first: the first to go when the
+        # listener is full (an agent sends its first call at once)
+        self._unheard: dict[asyncio.StreamWriter, None] = {}
+        self._evicted: set[asyncio.StreamWriter] = set()
 
     async def dispatch(self, method: object, params: object, peer: str, connection: object) -> Any:
         first = params[0] if isinstance(params, list) and params else {}
@@ -187,18 +195,33 @@ class _Listener:
         peer = str(peername[0]) if isinstance(peername, tuple) else ""
         connection = object()
         heard = False
+        self.open += 1
+        if self.open > self.limits.max_connections:
+            if not self._unheard:
+                self.open -= 1
+                writer.transport.abort()
+                return
+            oldest = next(iter(self._unheard))
+            self._unheard.pop(oldest)
+            self._evicted.add(oldest)  # its end is not an agent's start-up probe
+            oldest.transport.abort()
+        self._unheard[writer] = None
         try:
             while True:
                 try:
-                    line = await reader.readuntil(b"\n")
+                    line = await self._frame(reader)
                 except asyncio.IncompleteReadError as exc:
-                    if not heard and not exc.partial:
+                    if not heard and not exc.partial and writer not in self._evicted:
                         self.processes.probe(peer)  # an agent's start-up probe
                     return
                 except asyncio.LimitOverrunError:
                     log.warning("frame larger than %d bytes; closing", self.max)
                     return
-                heard = True
+                except asyncio.TimeoutError:
+                    return  # idle too long, or a frame trickling in
+                if not heard:
+                    heard = True
+                    self._unheard.pop(writer, None)
                 if not line.strip():
                     continue
                 try:
@@ -220,9 +243,40 @@ class _Listener:
         except (ConnectionError, OSError):
             return
         finally:
+            self.open -= 1
+            self._unheard.pop(writer, None)
+            self._evicted.discard(writer)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _frame(self, reader: asyncio.StreamReader) -> bytes:
+        """The next frame: its first byte within ``idle_s``, the rest within ``frame_s``."""
+        first = await asyncio.wait_for(reader.readexactly(1), self.limits.idle_s)
+        if first == b"\n":
+            return first
+        return first + await asyncio.wait_for(reader.readuntil(b"\n"), self.limits.frame_s)
+
+
+@dataclass(frozen=True)
+class RpcLimits:
+    """Time and connection limits of the JSON-RPC listener.
+
+    Attributes:
+        idle_s: a connection that sends no frame for this long is closed (an agent calls
+            every heartbeat interval, 60 s by default: 3 intervals).
+        frame_s: a frame must be complete within this long of its first byte.
+        max_connections: connections held at once (by default 40% of the file descriptors
+            this process may open); beyond it, the oldest connection that has not sent a frame
+            yet is closed, or else the new one.
+        backlog: connections the kernel queues before hbs accepts them (a fleet restarting at
+            once connects at once).
+    """
+
+    idle_s: float = 180.0
+    frame_s: float = 10.0
+    max_connections: int = field(default_factory=lambda: connection_cap(0.4))
+    backlog: int = 4096
 
 
 async def serve_falcon_rpc(
@@ -233,16 +287,21 @@ async def serve_falcon_rpc(
     max_frame_bytes: int = 64 * 1024,
     token_for: Callable[[str], str | None] | None = None,
     batcher: HeartbeatBatcher | None = None,
+    limits: RpcLimits | None = None,
 ) -> asyncio.Server:
     """Listen for falcon agents on ``host:port``; return the started server.
 
     Args:
         batcher: how heartbeats reach ``plane`` (shared with the HTTP app); by default one
             of its own.
+        limits: idle and frame timeouts, the connection cap and the backlog.
         token_for: when given, ``ReportStatus`` must carry ``Token`` equal to
             ``token_for(host)`` (``""``: none needed; ``None``: refused). An unmodified falcon
             agent cannot send one, so require tokens only for selfupgrade's own RPC agents.
     """
     beats = batcher or HeartbeatBatcher(lambda batch: plane.answer(batch))
-    listener = _Listener(beats, max_frame_bytes, token_for)
-    return await asyncio.start_server(listener.serve, host, port, limit=max_frame_bytes)
+    limits = limits or RpcLimits()
+    listener = _Listener(beats, max_frame_bytes, token_for, limits)
+    return await asyncio.start_server(
+        listener.serve, host, port, limit=max_frame_bytes, backlog=limits.backlog
+    )
