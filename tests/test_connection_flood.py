@@ -105,3 +105,50 @@ def test_real_heartbeats_are_answered_through_a_flood_at_1024_files(tmp_path: Pa
         assert hbs.proc is not None and hbs.proc.poll() is None  # hbs is alive
         assert left < 200  # nearly every hostile connection was closed by hbs
         assert "Too many open files" not in hbs.log()
+
+
+def test_readers_that_never_read_do_not_grow_hbs(tmp_path: Path) -> None:
+    """Issue 11, point 3: 40 clients ask for ``/agentversions`` of 200,000 hosts and never
+    read the answer; hbs's memory and a real heartbeat's answer time are measured."""
+    import psutil
+
+    from selfupgrade.server import SqliteStore
+    from selfupgrade.server.tasks import HostSeen
+
+    db = tmp_path / "hbs.db"
+    store = SqliteStore(db)
+    now = time.time()
+    store.save_hosts(HostSeen(f"n{i:07d}.example", "6.0.0", "idle", now) for i in range(200_000))
+    store.close()
+    held: list[socket.socket] = []
+    with Hbs(f"sqlite:{db}", tmp_path / "hbs.log") as hbs:
+        assert hbs.proc is not None
+        proc = psutil.Process(hbs.proc.pid)
+        wire = Heartbeat("real", parse_version("1.0"), UpgradeState.IDLE).to_wire()
+        for _ in range(3):  # full reads, more than a second apart: hbs's steady state
+            httpx.get(f"{hbs.url}/agentversions", timeout=60)
+            time.sleep(1.1)
+        before = proc.memory_info().rss
+        try:
+            for _ in range(40):
+                s = socket.create_connection(("127.0.0.1", hbs.port))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(
+                    f"GET /agentversions HTTP/1.1\r\nHost: 127.0.0.1:{hbs.port}\r\n\r\n".encode()
+                )
+                held.append(s)
+            time.sleep(3)
+            started = time.monotonic()
+            reply = httpx.post(f"{hbs.url}/selfupgrade/v1/heartbeat", json=wire, timeout=30)
+            beat_s = time.monotonic() - started
+            after = proc.memory_info().rss
+        finally:
+            for s in held:
+                s.close()
+        grown = (after - before) / 2**20
+        print(
+            f"40 readers that never read /agentversions of 200,000 hosts: hbs grew by "
+            f"{grown:.1f} MB; a heartbeat meanwhile answered in {beat_s:.3f} s"
+        )
+        assert reply.status_code == 200
+        assert grown < 40

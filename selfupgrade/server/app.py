@@ -41,6 +41,8 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,7 +52,13 @@ from urllib.parse import urlsplit
 try:
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.responses import (
+        HTMLResponse,
+        JSONResponse,
+        PlainTextResponse,
+        Response,
+        StreamingResponse,
+    )
     from starlette.routing import Route
     from starlette.types import Receive, Scope, Send
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -232,6 +240,33 @@ def _success(data: Any) -> JSONResponse:
     return JSONResponse({"msg": "success", "data": data})
 
 
+class _SharedBody:
+    """One encoding of a large answer for every reader within ``ttl_s``: a hundred readers of
+    ``/agentversions`` at once cost one build, not a hundred."""
+
+    def __init__(self, ttl_s: float = 1.0) -> None:
+        self._ttl_s = ttl_s
+        self._body = b""
+        self._at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def get(self, build: Callable[[], Awaitable[bytes]]) -> bytes:
+        async with self._lock:  # readers that came during a build wait for it, and share it
+            if time.monotonic() - self._at >= self._ttl_s:
+                self._body = await build()
+                self._at = time.monotonic()
+            return self._body
+
+
+async def _chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    """``body`` in slices: each is sent only when the client has read the one before (uvicorn
+    waits for the socket to drain), so that a client that does not read holds one slice, not
+    a copy of the whole answer."""
+    view = memoryview(body)
+    for start in range(0, len(body), size):
+        yield bytes(view[start : start + size])
+
+
 def create_app(
     plane: ControlPlane,
     config: AppConfig | None = None,
@@ -353,9 +388,17 @@ def create_app(
         view = active[0].seed_view() if active is not None else None
         return _success(view or seed_args(0, "", "", "", ""))
 
+    shared = _SharedBody()
+
     async def agentversions(request: Request) -> Response:
         require_read(request)
-        return _success(await _off_loop(plane.views.versions))
+
+        def encode() -> bytes:
+            data = {"msg": "success", "data": plane.views.versions()}
+            return json.dumps(data, separators=(",", ":")).encode()
+
+        body = await shared.get(lambda: _off_loop(encode))
+        return StreamingResponse(_chunks(body), media_type="application/json")
 
     async def agents(request: Request) -> Response:
         require_read(request)
