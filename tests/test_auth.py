@@ -61,6 +61,25 @@ def test_admin_routes_answer_only_local_callers(
     assert c.get("/agentversions", headers=headers).status_code == 200  # reads stay open
 
 
+@pytest.mark.parametrize(
+    ("peer", "headers", "status"),
+    [
+        ("10.0.0.5", {"X-Forwarded-For": "127.0.0.1"}, 200),  # a local caller via the proxy
+        ("10.0.0.5", {"X-Real-IP": "::1"}, 200),
+        ("10.0.0.5", {"X-Forwarded-For": "203.0.113.9"}, 403),  # a remote caller via it
+        # the caller's own claim first, what the proxy saw last: the last counts
+        ("10.0.0.5", {"X-Forwarded-For": "127.0.0.1, 203.0.113.9"}, 403),
+        ("10.0.0.5", {}, 403),  # through the proxy without saying who: unknown
+        ("10.0.0.6", {"X-Forwarded-For": "127.0.0.1"}, 403),  # not a trusted proxy
+        ("127.0.0.1", {}, 200),  # a direct local caller
+    ],
+)
+def test_trusted_proxies_name_the_caller(peer: str, headers: dict[str, str], status: int) -> None:
+    c = client(AppConfig(trusted_proxies=frozenset({"10.0.0.5"})), peer)
+    reply = c.post("/agent/upgrade", content=json.dumps(SEED), headers=headers)
+    assert reply.status_code == status, reply.text
+
+
 def test_scoped_tokens() -> None:
     c = client(AppConfig(tokens={"r-token": "read", "w-token": "write"}, protect_reads=True))
 

@@ -60,6 +60,8 @@ configuration (cfg.json keys; a flag overrides its key):
   loopback_admin_only                               admin routes answer only local callers
   allowed_hosts                                     names besides localhost by which admin routes
                                                     may be reached (the Host header; DNS rebinding)
+  trusted_proxies                                   proxy addresses whose X-Forwarded-For/X-Real-IP
+                                                    names the caller
   max_body_bytes                                    larger request bodies get 413
   log_level                    --log-level LEVEL    debug, info, warning, error
 
@@ -186,6 +188,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             protect_reads=bool(cfg.get("protect_reads", False)),
             loopback_admin_only=bool(cfg["loopback_admin_only"]),
             allowed_hosts=frozenset(str(h).lower() for h in cfg.get("allowed_hosts") or ()),
+            trusted_proxies=frozenset(str(a) for a in cfg.get("trusted_proxies") or ()),
             agent_token=_secret(args, "agent_token", cfg),
             agent_tokens=dict(cfg.get("agent_tokens") or {}),
             max_body_bytes=int(cfg["max_body_bytes"]),

@@ -166,6 +166,11 @@ class AppConfig:
         loopback_admin_only: admin routes answer only loopback callers (the seed's rule).
         allowed_hosts: names besides the loopback ones by which admin routes may be reached
             (the name part of ``Host``, lowercased), e.g. ``{"hbs.example.com"}``.
+        trusted_proxies: addresses of reverse proxies in front of hbs: for a request from
+            one, the caller is the address the proxy adds (``X-Forwarded-For``/``X-Real-IP``),
+            and without that header the caller is unknown (refused). A proxy that adds no
+            header (nginx's plain ``proxy_pass``) and is not listed here makes every caller
+            look like the proxy: on the same host, local; use tokens then.
         agent_token: when set, heartbeats need ``Authorization: Bearer <agent_token>``.
         agent_tokens: per-host heartbeat tokens, ``{"<host>": "<token>"}``; a host without
             one is refused.
@@ -183,6 +188,7 @@ class AppConfig:
     protect_reads: bool = False
     loopback_admin_only: bool = True
     allowed_hosts: frozenset[str] = frozenset()
+    trusted_proxies: frozenset[str] = frozenset()
     agent_token: str = ""
     agent_tokens: Mapping[str, str] = field(default_factory=dict)
     max_body_bytes: int = 64 * 1024
@@ -234,6 +240,24 @@ def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     if field is not None:
         body["field"] = field
     return JSONResponse(body, status_code=status)
+
+
+def _caller(request: Request, trusted_proxies: frozenset[str]) -> str | None:
+    """The address of whoever made the request; ``None`` when it cannot be told.
+
+    A direct caller (not in ``trusted_proxies``) is its TCP peer, and a forwarding header
+    makes it unknown (a proxy that forwards does not make a remote caller local). Through a
+    trusted proxy, the caller is the address the proxy added last (``X-Forwarded-For``, or
+    ``X-Real-IP``); without either it is unknown.
+    """
+    peer = request.client.host if request.client else ""
+    headers = request.headers
+    if peer not in trusted_proxies:
+        return None if any(h in headers for h in _PROXY_HEADERS) else peer
+    forwarded = headers.get("x-forwarded-for", "")
+    if forwarded:
+        return forwarded.rsplit(",", 1)[-1].strip()
+    return headers.get("x-real-ip", "").strip() or None
 
 
 def _success(data: Any) -> JSONResponse:
@@ -315,6 +339,7 @@ def create_app(
     scopes = cfg.scopes()
 
     allowed_hosts = frozenset(h.lower() for h in cfg.allowed_hosts)
+    trusted_proxies = frozenset(cfg.trusted_proxies)
 
     def require_admin(request: Request) -> None:
         refusal = browser_refusal(request.headers, allowed_hosts)
@@ -322,8 +347,8 @@ def create_app(
             log.warning("refused %s %s: %s", request.method, request.url.path, refusal[1])
             raise _HttpError(*refusal)
         if cfg.loopback_admin_only:
-            host = request.client.host if request.client else ""
-            if not _is_loopback(host) or any(h in request.headers for h in _PROXY_HEADERS):
+            caller = _caller(request, trusted_proxies)
+            if caller is None or not _is_loopback(caller):
                 raise _HttpError(403, "admin routes answer only local callers")
         if scopes:
             scope = bearer_scope(request.headers.get("authorization", ""), scopes)
