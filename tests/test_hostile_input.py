@@ -206,3 +206,21 @@ def test_the_sqlite_wal_is_cut_back_while_hbs_runs(tmp_path: Path, monkeypatch) 
     print(f"WAL {grown / 2**20:.1f} MB after a burst, {after / 2**20:.2f} MB once checkpointed")
     assert grown > 2 << 20
     assert after <= 1 << 20
+
+
+def test_made_up_host_names_cannot_grow_the_fleet_view_past_its_cap(tmp_path: Path) -> None:
+    """Issue 11, point 3: 3,000 made-up names against hbs with max_hosts 1,000."""
+    with Hbs(f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log", max_hosts=1000) as hbs:
+        client = httpx.Client(timeout=30, trust_env=False)
+        url = f"{hbs.url}/selfupgrade/v1/heartbeat"
+        for i in range(30):
+            assert client.post(url, json=beat(f"real-{i}")).status_code == 200
+        for i in range(3000):
+            client.post(url, json=beat(f"fake-{i}"))
+        again = [client.post(url, json=beat(f"real-{i}")).status_code for i in range(30)]
+        known = client.get(f"{hbs.url}/agentversions").json()["data"]
+        print(f"30 real + 3,000 made-up names, max_hosts 1,000: {len(known)} hosts kept")
+        assert again == [200] * 30
+        assert all(f"real-{i}" in known for i in range(30))
+        assert len(known) <= 1000 + 64  # at most one batch over
+        assert "holds max_hosts=1000 hosts" in hbs.log()

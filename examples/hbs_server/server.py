@@ -49,6 +49,7 @@ configuration (cfg.json keys; a flag overrides its key):
                                                     before each wave and periodically (default on)
   artifact_recheck_s           --artifact-recheck-s S  check an active rollout's artifacts every S s
   artifact_max_bytes, artifact_deadline_s           the check's size cap and time limit
+  max_hosts                    --max-hosts N        hosts hbs keeps; new ones beyond are ignored
   admin_token                  --admin-token-file F admin routes also need 'Bearer T' (also
                                                     $HBS_ADMIN_TOKEN, or --admin-token T)
   tokens                                            {"<token>": "read"|"write"} scoped tokens
@@ -116,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="publish without fetching the artifacts first (logged at each publish)",
     )
     parser.add_argument("--artifact-recheck-s", type=float)
+    parser.add_argument("--max-hosts", type=int)
     parser.add_argument(
         "--admin-token",
         help="a write-scope token for admin routes (visible to local users in ps; prefer "
@@ -174,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             limits=limits,
             artifact_check=check,
             artifact_recheck_s=float(pick(args.artifact_recheck_s, "artifact_recheck_s")),
+            max_hosts=int(pick(args.max_hosts, "max_hosts")),
         )
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"hbs: invalid setting {exc}") from None

@@ -43,6 +43,8 @@ class PlaneConfig:
             during a rollout (a failed re-check pauses it); ``None``: no check, and each
             publish logs that its artifacts were not checked. hbs turns it on by default.
         artifact_recheck_s: how often an active rollout's artifacts are checked again.
+        max_hosts: hosts the fleet view keeps; heartbeats of new hosts beyond it are not
+            recorded or answered (a flood of made-up names cannot grow hbs without bound).
         deaf_after_s: when housekeeping last completed longer ago than this (the store
             failed or stalled, hbs was stopped or paused), hbs could not hear anyone meanwhile:
             leases that ran out in that time are renewed, not failed.
@@ -56,6 +58,7 @@ class PlaneConfig:
     artifact_check: ArtifactCheck | None = None
     artifact_recheck_s: float = 60.0
     deaf_after_s: float = 5.0
+    max_hosts: int = 2_000_000
 
 
 class RolloutCache:

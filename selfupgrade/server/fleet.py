@@ -30,11 +30,20 @@ class FleetView:
         store: where the view is kept for other replicas and restarts.
         seen_save_s: see :attr:`~selfupgrade.server.plane.PlaneConfig.seen_save_s`.
         clock: wall-clock time.
+        max_hosts: hosts the view keeps; a host not seen yet beyond that is not recorded
+            (see :meth:`has_room_for`).
     """
 
-    def __init__(self, store: FleetStore, seen_save_s: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        store: FleetStore,
+        seen_save_s: float,
+        clock: Callable[[], float],
+        max_hosts: int = 2_000_000,
+    ) -> None:
         self._store = store
         self._save_s = seen_save_s
+        self._max_hosts = max_hosts
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         now = clock()
@@ -100,6 +109,11 @@ class FleetView:
             self._seen[host] = seen
             self._dirty[host] = seen
             return interval if interval is not None and interval > 0 else None
+
+    def has_room_for(self, host: str) -> bool:
+        """Whether ``host`` is known, or may still be added (the view holds fewer than
+        ``max_hosts``): a flood of made-up names cannot grow it without bound."""
+        return host in self._seen or len(self._seen) < self._max_hosts
 
     def interval(self, host: str) -> float | None:
         """The host's heartbeat interval, as heard by this process: the longest recent gap

@@ -92,7 +92,8 @@ class ControlPlane:
         self._store = store
         self._clock = clock
         self._cache = RolloutCache(store, config.task_cache_s)
-        self.fleet = FleetView(store, config.seen_save_s, clock)
+        self.fleet = FleetView(store, config.seen_save_s, clock, config.max_hosts)
+        self._refused_logged_at = -1e18
         context = PlaneContext(store, self.fleet, self._cache, config, clock)
         self.commands = Commands(context)
         self.views = Views(context)
@@ -110,6 +111,8 @@ class ControlPlane:
         the heartbeats are then answered with no order and the error.
         """
         now = self._clock()
+        if not all(self.fleet.has_room_for(b.host) for b in beats):
+            return self._answer_within_the_cap(beats, now)
         intervals = [self.fleet.record(beat, now) for beat in beats]
         try:
             current = self._cache.get(now)
@@ -126,6 +129,22 @@ class ControlPlane:
         except StoreError as exc:
             log.error("store failed; answering no order: %s", exc)
             return [Reply(error=f"store failed: {exc}")] * len(beats)
+
+    def _answer_within_the_cap(self, beats: Sequence[Heartbeat], now: float) -> list[Reply]:
+        """Answer the hosts the fleet view has room for; the others get no order and are not
+        recorded (logged at most once a minute)."""
+        room = [self.fleet.has_room_for(b.host) for b in beats]
+        if now - self._refused_logged_at >= 60:
+            self._refused_logged_at = now
+            log.warning(
+                "the fleet view holds max_hosts=%d hosts: heartbeats of new hosts are not "
+                "recorded or answered (%d in this batch)",
+                self.config.max_hosts,
+                room.count(False),
+            )
+        kept = [b for b, ok in zip(beats, room, strict=True) if ok]
+        answers = iter(self.answer(kept) if kept else [])
+        return [next(answers) if ok else NO_ORDER for ok in room]
 
     def _commit(
         self,
