@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import subprocess
 import threading
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import httpx
 from selfupgrade.testing import ArtifactServer
 
 from .fleet import Hbs
-from .test_e2e_rollouts import chromium
+from .test_e2e_rollouts import browse
 
 EVIL = "6.6.6"
 
@@ -60,26 +59,6 @@ class _Page(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def open_in_chromium(url: str, tmp: Path, *, resolve: str = "") -> None:
-    args = [
-        chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp / 'chrome'}",
-        "--virtual-time-budget=5000",
-    ]
-    if resolve:
-        args.append(f"--host-resolver-rules=MAP {resolve} 127.0.0.1")
-    done = subprocess.run([*args, "--dump-dom", url], capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
-
-
 def test_a_web_page_cannot_publish_an_upgrade(
     tmp_path: Path, artifact_server: ArtifactServer
 ) -> None:
@@ -98,10 +77,14 @@ def test_a_web_page_cannot_publish_an_upgrade(
         try:
             # another origin (another port), then a name the browser maps to 127.0.0.1
             _Page.html = attack_page(f"{hbs.url}/agent/upgrade", body).encode()
-            open_in_chromium(f"http://127.0.0.1:{port}/", tmp_path)
+            browse(f"http://127.0.0.1:{port}/", tmp_path)
             rebound = hbs.url.replace("127.0.0.1", "evil.example")
             _Page.html = attack_page(f"{rebound}/agent/upgrade", body).encode()
-            open_in_chromium(f"http://evil.example:{port}/", tmp_path, resolve="evil.example")
+            browse(
+                f"http://evil.example:{port}/",
+                tmp_path,
+                flags=("--host-resolver-rules=MAP evil.example 127.0.0.1",),
+            )
         finally:
             page.shutdown()
             page.server_close()

@@ -10,7 +10,6 @@ are answered meanwhile.
 
 from __future__ import annotations
 
-import json
 import resource
 import socket
 import time
@@ -21,19 +20,9 @@ import httpx
 from selfupgrade import Heartbeat, UpgradeState, parse_version
 
 from .fleet import Hbs
+from .server_helpers import rpc_report
 
 HOSTILE = 10_000
-
-
-def rpc_report(port: int, host: str) -> dict[str, object]:
-    frame = {
-        "method": "Agent.ReportStatus",
-        "params": [{"Hostname": host, "IP": "", "AgentVersion": "1.0", "InUpgrading": False}],
-        "id": 0,
-    }
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(json.dumps(frame).encode() + b"\n")
-        return json.loads(sock.makefile("rb").readline())  # type: ignore[no-any-return]
 
 
 def until_answered(what, attempt) -> float:  # type: ignore[no-untyped-def]
@@ -80,7 +69,8 @@ def test_real_heartbeats_are_answered_through_a_flood_at_1024_files(tmp_path: Pa
             opened_s = time.monotonic() - started
             http_s = until_answered("an HTTP heartbeat", http_beat)
             rpc_s = until_answered(
-                "a JSON-RPC heartbeat", lambda: rpc_report(hbs.rpc_port or 0, "real-rpc")
+                "a JSON-RPC heartbeat",
+                lambda: rpc_report(hbs.rpc_port or 0, "real-rpc", timeout_s=5),
             )
             time.sleep(12)  # past the 10 s head and frame limits
 

@@ -27,16 +27,31 @@ pytestmark = pytest.mark.real
 OLD, NEW = "6.1.0", "6.1.1"
 
 
-def holders(db: Path, task_id: str):  # type: ignore[no-untyped-def]
+def live_leases(db: Path, task_id: str | None = None):  # type: ignore[no-untyped-def]
+    """A probe for the Sampler: live leases in the store, of ``task_id`` or of every rollout."""
+    where, args = ("task_id = ? AND ", (task_id,)) if task_id is not None else ("", ())
+
     def probe() -> int:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
             (n,) = conn.execute(
-                "SELECT COUNT(*) FROM leases WHERE task_id = ? AND until > ?",
-                (task_id, time.time()),
+                f"SELECT COUNT(*) FROM leases WHERE {where}until > ?",
+                (*args, time.time()),
             ).fetchone()
         return int(n)
 
     return probe
+
+
+def serve_new(
+    artifact_server: ArtifactServer, new: bytes, fault: Fault | None = None
+) -> dict[str, str]:
+    """Serve ``new`` as ``bin_6.1.1`` and return the article's publish body for it."""
+    artifact_server.add(f"open-falcon/bin_{NEW}", new, fault=fault)
+    return {
+        "wgeturl": artifact_server.url("open-falcon"),
+        "version": NEW,
+        "binfile_md5": hashlib.md5(new).hexdigest(),
+    }
 
 
 def test_real_agents_upgrade_never_more_than_the_queue_at_once(
@@ -44,29 +59,17 @@ def test_real_agents_upgrade_never_more_than_the_queue_at_once(
 ) -> None:
     binaries = build_agents(OLD, NEW)
     new = binaries[NEW].read_bytes()
-    artifact_server.add(f"open-falcon/bin_{NEW}", new)
-    wgeturl = artifact_server.url("open-falcon")
+    body = serve_new(artifact_server, new)
     db = tmp_path / "hbs.db"
-    with (
-        Hbs(f"sqlite:{db}", tmp_path / "hbs.log", rpc=True, queue=2, lease_s=60) as hbs,
-    ):
+    with Hbs(f"sqlite:{db}", tmp_path / "hbs.log", rpc=True, queue=2, lease_s=60) as hbs:
         assert hbs.rpc_port is not None
         with GoFleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
-            wait_until(
-                "5 agents on 6.1.0",
-                lambda: sorted(hbs.versions().values()) == [OLD] * 5,
-                explain=hbs.log,
-            )
-            body = {
-                "wgeturl": wgeturl,
-                "version": NEW,
-                "binfile_md5": hashlib.md5(new).hexdigest(),
-            }
+            wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)
             reply = hbs.publish(body)
             assert reply.status_code == 200, reply.text
             task_id = reply.json()["data"]["task_id"]
             started = time.monotonic()
-            with Sampler(holders(db, task_id)) as held:
+            with Sampler(live_leases(db, task_id)) as held:
                 wait_until(
                     "5 agents on 6.1.1",
                     lambda: (
@@ -91,19 +94,6 @@ def test_real_agents_upgrade_never_more_than_the_queue_at_once(
             assert all(n == 2 for n in starts.values()), starts  # one restart each
 
 
-def leases_of_every_rollout(db: Path):  # type: ignore[no-untyped-def]
-    """Live leases in the store, whichever rollout holds them."""
-
-    def probe() -> int:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            (n,) = conn.execute(
-                "SELECT COUNT(*) FROM leases WHERE until > ?", (time.time(),)
-            ).fetchone()
-        return int(n)
-
-    return probe
-
-
 def orders_logged(hbs: Hbs, name: str) -> int:
     return hbs.log().count(f"ordered {name} to install")
 
@@ -120,7 +110,7 @@ def test_a_wrong_md5_is_a_failed_attempt_ordered_once_then_the_rollout_halts(
     max_attempts, and the rollout halts at its budget. The artifact check is turned off: it
     would refuse this publish."""
     binaries = build_agents(OLD, NEW)
-    artifact_server.add(f"open-falcon/bin_{NEW}", binaries[NEW].read_bytes())
+    body = serve_new(artifact_server, binaries[NEW].read_bytes())
     db = tmp_path / "hbs.db"
     limits = {"queue": 2, "lease_s": 60, "max_attempts": 2, "retry_backoff_s": 2}
     # 5 agents x 2 attempts: the tenth failed attempt is the one over the budget
@@ -135,12 +125,11 @@ def test_a_wrong_md5_is_a_failed_attempt_ordered_once_then_the_rollout_halts(
         assert hbs.rpc_port is not None
         with GoFleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
             wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)
-            body = {"wgeturl": artifact_server.url("open-falcon"), "version": NEW}
             reply = hbs.publish({**body, "binfile_md5": "0" * 32})
             assert reply.status_code == 200, reply.text
             task_id = reply.json()["data"]["task_id"]
             started = time.monotonic()
-            with Sampler(holders(db, task_id)) as held:
+            with Sampler(live_leases(db, task_id)) as held:
                 wait_until(
                     "the rollout to halt",
                     lambda: hbs.status()["counters"]["status"] == "halted",
@@ -301,7 +290,7 @@ def test_hosts_bricked_by_a_vanished_artifact_server_halt_the_rollout_by_their_s
     its silence grace (3 x 5 s + restart_grace_s), and the failure limit halts the rollout."""
     binaries = build_agents(OLD, NEW)
     new = binaries[NEW].read_bytes()
-    artifact_server.add(f"open-falcon/bin_{NEW}", new)
+    body = serve_new(artifact_server, new)
     db = tmp_path / "hbs.db"
     with Hbs(
         f"sqlite:{db}",
@@ -316,11 +305,6 @@ def test_hosts_bricked_by_a_vanished_artifact_server_halt_the_rollout_by_their_s
         assert hbs.rpc_port is not None
         with GoFleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
             wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)
-            body = {
-                "wgeturl": artifact_server.url("open-falcon"),
-                "version": NEW,
-                "binfile_md5": hashlib.md5(new).hexdigest(),
-            }
             assert hbs.publish(body).status_code == 200
             wait_until("a first agent on 6.1.1", lambda: hbs.status()["counters"]["done"] >= 1)
             artifact_server.stop()
@@ -361,7 +345,7 @@ def test_cancel_and_publish_again_at_once_keeps_the_limit(
     new = binaries[NEW].read_bytes()
     # 10 s a download, longer than the agents' 5 s interval: every agent beats while two
     # download, and could be ordered
-    artifact_server.add(f"open-falcon/bin_{NEW}", new, fault=Fault(trickle_bytes_per_s=1_000_000))
+    body = serve_new(artifact_server, new, Fault(trickle_bytes_per_s=1_000_000))
     db = tmp_path / "hbs.db"
     with Hbs(
         f"sqlite:{db}",
@@ -375,13 +359,8 @@ def test_cancel_and_publish_again_at_once_keeps_the_limit(
         assert hbs.rpc_port is not None
         with GoFleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
             wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)
-            body = {
-                "wgeturl": artifact_server.url("open-falcon"),
-                "version": NEW,
-                "binfile_md5": hashlib.md5(new).hexdigest(),
-            }
             started = time.monotonic()
-            with Sampler(leases_of_every_rollout(db)) as held:
+            with Sampler(live_leases(db)) as held:
                 assert hbs.publish(body).status_code == 200
                 wait_until("two agents mid-download", lambda: artifact_server.active >= 2)
                 cancelled = httpx.delete(f"{hbs.url}/agent/upgrade", timeout=10)
@@ -419,7 +398,7 @@ def test_hbs_killed_and_restarted_mid_rollout_carries_on_within_the_limit(
     never more than the queue at once, one restart per agent."""
     binaries = build_agents(OLD, NEW)
     new = binaries[NEW].read_bytes()
-    artifact_server.add(f"open-falcon/bin_{NEW}", new, fault=Fault(trickle_bytes_per_s=5_000_000))
+    body = serve_new(artifact_server, new, Fault(trickle_bytes_per_s=5_000_000))
     db = tmp_path / "hbs.db"
     with Hbs(
         f"sqlite:{db}",
@@ -432,13 +411,8 @@ def test_hbs_killed_and_restarted_mid_rollout_carries_on_within_the_limit(
         assert hbs.rpc_port is not None
         with GoFleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
             wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)
-            body = {
-                "wgeturl": artifact_server.url("open-falcon"),
-                "version": NEW,
-                "binfile_md5": hashlib.md5(new).hexdigest(),
-            }
             started = time.monotonic()
-            with Sampler(leases_of_every_rollout(db)) as held:
+            with Sampler(live_leases(db)) as held:
                 assert hbs.publish(body).status_code == 200
                 wait_until("two agents mid-download", lambda: artifact_server.active >= 2)
                 hbs.stop(signal.SIGKILL)

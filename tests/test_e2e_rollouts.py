@@ -84,8 +84,11 @@ def chromium() -> str:
     return path
 
 
-def browse(url: str, tmp: Path, screenshot: Path | None = None) -> str:
-    """Load ``url`` in headless Chromium, let its scripts run, and return the DOM."""
+def browse(
+    url: str, tmp: Path, screenshot: Path | None = None, *, flags: tuple[str, ...] = ()
+) -> str:
+    """Load ``url`` in headless Chromium (with ``flags`` too), let its scripts run, and return
+    the DOM."""
     args = [
         chromium(),
         "--headless",
@@ -99,6 +102,7 @@ def browse(url: str, tmp: Path, screenshot: Path | None = None) -> str:
         f"--user-data-dir={tmp / 'chrome'}",
         "--virtual-time-budget=4000",
         "--window-size=1280,900",
+        *flags,
     ]
     if screenshot is not None:
         done = subprocess.run(

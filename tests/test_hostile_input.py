@@ -78,8 +78,11 @@ def test_a_heartbeats_error_cannot_forge_a_log_line_or_reverse_text(tmp_path: Pa
         assert "\n2026-12-01 00:00:00,000 hbs INFO" not in log  # no forged line
         assert "\x1b" not in log and "\u202e" not in log
         assert "md5 mismatch\\n2026-12-01" in line and "\\x1b[2J" in line and "\\u202e" in line
-        shown = json.dumps(httpx.get(f"{hbs.url}/selfupgrade/v1/status").json())
-        assert "\\u202e" not in shown.replace("\\\\u202e", "")  # only the escaped form
+        task_id = hbs.status()["task"]["id"]
+        detail = httpx.get(f"{hbs.url}/selfupgrade/v1/rollouts/{task_id}").json()
+        (shown,) = [f["reason"] for f in detail["failures_list"] if f["host"] == "h1"]
+        assert "\u202e" not in shown and "\n" not in shown and "\x1b" not in shown
+        assert shown.startswith("md5 mismatch\\n2026-12-01") and "\\u202eevil" in shown
 
 
 def test_placeholders_in_a_url_are_refused(tmp_path: Path) -> None:

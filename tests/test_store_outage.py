@@ -6,10 +6,8 @@ its connections open and answers nothing, the worst kind of outage), then thawed
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from selfupgrade import Heartbeat, UpgradeState, parse_version
 from selfupgrade.testing import RedisServer, find_redis_server
 
 from .fleet import Hbs, wait_until
+from .server_helpers import rpc_report
 
 pytestmark = pytest.mark.real
 
@@ -28,18 +27,6 @@ def _timed(fn):  # type: ignore[no-untyped-def]
     started = time.monotonic()
     result = fn()
     return result, time.monotonic() - started
-
-
-def _rpc_report(port: int, host: str) -> dict[str, object]:
-    frame = {
-        "method": "Agent.ReportStatus",
-        "params": [{"Hostname": host, "IP": "", "AgentVersion": "1.0", "InUpgrading": False}],
-        "id": 0,
-    }
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(json.dumps(frame).encode() + b"\n")
-        line = sock.makefile("rb").readline()
-    return json.loads(line)  # type: ignore[no-any-return]
 
 
 def test_a_frozen_redis_delays_nothing_but_heartbeats_and_those_by_their_deadline(
@@ -71,7 +58,7 @@ def test_a_frozen_redis_delays_nothing_but_heartbeats_and_those_by_their_deadlin
             health, health_s = _timed(lambda: client.get(f"{hbs.url}/health"))
             reply, beat_s = _timed(lambda: beat("c"))
             page, page_s = _timed(lambda: client.get(f"{hbs.url}/"))
-            rpc, rpc_s = _timed(lambda: _rpc_report(hbs.rpc_port, "d"))
+            rpc, rpc_s = _timed(lambda: rpc_report(hbs.rpc_port, "d"))
             again, again_s = _timed(lambda: beat("b"))
         finally:
             os.kill(redis.pid, signal.SIGCONT)
