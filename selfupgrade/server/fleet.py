@@ -62,7 +62,8 @@ class FleetView:
     def record(self, beat: Heartbeat, now: float) -> float | None:
         """Note that ``beat``'s host was heard from; keep (and mark for the store) a new
         :class:`HostSeen` only when it has news. Return the host's heartbeat interval as this
-        process measured it (``None``: not yet; see :meth:`interval`).
+        process measured it: the longest recent gap between two of its heartbeats (``None``:
+        heard fewer than three times).
 
         Most heartbeats repeat the last one: they change one float and allocate nothing that
         outlives the request (with 600,000 hosts, a new object per heartbeat keeps the
@@ -95,6 +96,7 @@ class FleetView:
                 gap = now - before
                 interval = -gap if interval is None else max(gap, 0.75 * abs(interval))
                 self._interval[host] = interval
+            measured = interval if interval is not None and interval > 0 else None
             prev = self._seen.get(host)
             if (
                 prev is not None
@@ -104,22 +106,16 @@ class FleetView:
                 and prev.error == error
                 and prev.labels == labels
             ):
-                return interval if interval is not None and interval > 0 else None
+                return measured
             seen = HostSeen(host, version, state, now, error, labels)
             self._seen[host] = seen
             self._dirty[host] = seen
-            return interval if interval is not None and interval > 0 else None
+            return measured
 
     def has_room_for(self, host: str) -> bool:
         """Whether ``host`` is known, or may still be added (the view holds fewer than
         ``max_hosts``): a flood of made-up names cannot grow it without bound."""
         return host in self._seen or len(self._seen) < self._max_hosts
-
-    def interval(self, host: str) -> float | None:
-        """The host's heartbeat interval, as heard by this process: the longest recent gap
-        between two of its heartbeats (``None``: heard fewer than three times)."""
-        interval = self._interval.get(host)
-        return interval if interval is not None and interval > 0 else None
 
     def last_beats(self) -> Mapping[str, float]:
         """Host -> when this process last heard from it (a live mapping: read, do not keep)."""
