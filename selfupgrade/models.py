@@ -445,6 +445,10 @@ class Heartbeat:
         process: which process of the agent sent the beat, as the server's front end tells
             it (``"<listener>/<n>"``; ``""``: unknown). Set by the server, never sent by an
             agent: :meth:`to_wire` leaves it and ``reports_state`` out.
+        source: the network address the beat came from, as the server's front end tells it
+            (``""``: the front end identified the host otherwise, by its own token, or does
+            not know). hbs binds a host name to the address it was first seen from. Set by
+            the server, never sent by an agent.
     """
 
     host: str
@@ -459,6 +463,7 @@ class Heartbeat:
     failures: int = 0
     reports_state: bool = True
     process: str = ""
+    source: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON object sent to the server."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+from typing import Any
 
 from selfupgrade import (
     Artifact,
@@ -91,15 +92,19 @@ def progress(store: Store, task_id: str, host: str) -> HostProgress | None:
     return store.read(task_id, [host])[0].progress
 
 
-def rpc_report(port: int, host: str, timeout_s: float = 10) -> dict[str, object]:
-    """One ``Agent.ReportStatus`` of an unmodified falcon agent on a connection of its own;
-    the decoded reply."""
+def rpc_report(
+    port: int, host: str, timeout_s: float = 10, source: str = "127.0.0.1"
+) -> dict[str, Any]:
+    """One ``Agent.ReportStatus`` of an unmodified falcon agent on a connection of its own
+    from the loopback address ``source``; the decoded reply."""
     frame = {
         "method": "Agent.ReportStatus",
         "params": [{"Hostname": host, "IP": "", "AgentVersion": "1.0", "InUpgrading": False}],
         "id": 0,
     }
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=timeout_s, source_address=(source, 0)
+    ) as sock:
         sock.sendall(json.dumps(frame).encode() + b"\n")
         line = sock.makefile("rb").readline()
     return json.loads(line)  # type: ignore[no-any-return]

@@ -306,6 +306,8 @@ def test_targeting_by_labels_and_late_joiners(store) -> None:  # type: ignore[no
     }
     assert got == set(store.members(r.id))
     late = Heartbeat(host="new-bj", version=parse_version("1.0"), labels={"dc": "bj"})
+    assert send(plane, late) is None  # first heard from after the publish: on probation
+    clock.now += TaskLimits().probation_s
     assert send(plane, late) is not None
     assert (
         send(plane, Heartbeat(host="new-sh", version=parse_version("1.0"), labels={"dc": "sh"}))
@@ -331,6 +333,16 @@ def test_fleet_rollback_targets_upgraded_hosts_and_bad_versions_are_refused(stor
     for h in upgraded:
         send(plane, beat(h, "1.0"))
     assert store.rollout(back.id, clock.now).done == len(upgraded)
+
+
+def test_a_version_marked_bad_is_bad_however_it_is_spelt(store) -> None:  # type: ignore[no-untyped-def]
+    plane = fleet_plane(store, Clock())
+    plane.commands.mark_bad("1.1.0", "crashes at start")
+    assert plane.commands.mark_bad("2.0", "x") == {"1.1.0": "crashes at start", "2.0": "x"}
+    with pytest.raises(FieldError, match=r"1\.1 is marked bad: crashes at start"):
+        plane.commands.publish(rollout({"waves": [{"percent": 100}]}, version="1.1"))
+    with pytest.raises(FieldError, match="2.0.0 is marked bad"):
+        plane.commands.publish(rollout({"waves": [{"percent": 100}]}, version="2.0.0"))
 
 
 def test_a_restarted_plane_keeps_waves_and_members(tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ configuration (cfg.json keys; a flag overrides its key):
   lease_s                      --lease-s S          a slot is freed after S seconds without news
   restart_grace_s              --restart-grace-s S  a host may take S seconds to restart; with its
                                                     heartbeat interval, how soon a silent host fails
+  probation_s                  --probation-s S      a host first heard from during a rollout
+                                                    joins it only after S seconds
   max_attempts                 --max-attempts N     failed attempts before a host is given up on
   retry_backoff_s              --retry-backoff-s S  wait before a failed host is retried (doubles)
   failure_limit                --failure-limit N    failed attempts after which the task halts
@@ -50,6 +52,10 @@ configuration (cfg.json keys; a flag overrides its key):
   artifact_recheck_s           --artifact-recheck-s S  check an active rollout's artifacts every S s
   artifact_max_bytes, artifact_deadline_s           the check's size cap and time limit
   max_hosts                    --max-hosts N        hosts hbs keeps; new ones beyond are ignored
+  new_hosts_per_source         --new-hosts-per-source N  new host names one address may bring
+  new_hosts_window_s                                per window (0: no limit); a name is bound
+                                                    to the address first heard from
+  host_ttl_days                --host-ttl-days D    forget hosts silent for D days
   admin_token                  --admin-token-file F admin routes also need 'Bearer T' (also
                                                     $HBS_ADMIN_TOKEN, or --admin-token T)
   tokens                                            {"<token>": "read"|"write"} scoped tokens
@@ -111,6 +117,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--retry-backoff-s", type=float)
     parser.add_argument("--failure-limit", type=int)
     parser.add_argument("--restart-grace-s", type=float)
+    parser.add_argument("--probation-s", type=float)
     parser.add_argument(
         "--no-artifact-check",
         action="store_true",
@@ -118,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument("--artifact-recheck-s", type=float)
     parser.add_argument("--max-hosts", type=int)
+    parser.add_argument("--new-hosts-per-source", type=int)
+    parser.add_argument("--host-ttl-days", type=float)
     parser.add_argument(
         "--admin-token",
         help="a write-scope token for admin routes (visible to local users in ps; prefer "
@@ -159,6 +168,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             retry_backoff_s=pick(args.retry_backoff_s, "retry_backoff_s"),
             failure_limit=pick(args.failure_limit, "failure_limit"),
             restart_grace_s=pick(args.restart_grace_s, "restart_grace_s"),
+            probation_s=pick(args.probation_s, "probation_s"),
         )
         if not isinstance(cfg["artifact_check"], bool):
             raise ValueError(
@@ -177,6 +187,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
             artifact_check=check,
             artifact_recheck_s=float(pick(args.artifact_recheck_s, "artifact_recheck_s")),
             max_hosts=int(pick(args.max_hosts, "max_hosts")),
+            new_hosts_per_source=int(pick(args.new_hosts_per_source, "new_hosts_per_source")),
+            new_hosts_window_s=float(cfg["new_hosts_window_s"]),
+            host_ttl_s=float(pick(args.host_ttl_days, "host_ttl_days")) * 86400,
         )
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"hbs: invalid setting {exc}") from None
@@ -261,6 +274,7 @@ async def serve(cfg: Config) -> None:
             plane,
             *cfg.rpc,
             token_for=cfg.app.agent_token_for if needs_token else None,
+            tokens_identify_hosts=cfg.app.tokens_identify_hosts,
             batcher=beats,
         )
         if cfg.rpc

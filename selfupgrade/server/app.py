@@ -45,7 +45,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
@@ -211,6 +211,13 @@ class AppConfig:
             return self.agent_tokens.get(host)
         return self.agent_token
 
+    @property
+    def tokens_identify_hosts(self) -> bool:
+        """Whether a heartbeat's token proves which host sent it (per-host tokens): its
+        host is then not bound to the address it beats from (see
+        :mod:`~selfupgrade.server.admission`)."""
+        return bool(self.agent_tokens)
+
 
 def bearer_scope(header: str, scopes: Mapping[str, str]) -> str | None:
     """The scope of the bearer token in an ``Authorization`` header, compared in constant time
@@ -242,14 +249,17 @@ def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _caller(request: Request, trusted_proxies: frozenset[str]) -> str | None:
-    """The address of whoever made the request; ``None`` when it cannot be told.
+def _caller(request: Request | Scope, trusted_proxies: frozenset[str]) -> str | None:
+    """The address of whoever made the request (a Starlette request or an ASGI scope);
+    ``None`` when it cannot be told.
 
     A direct caller (not in ``trusted_proxies``) is its TCP peer, and a forwarding header
     makes it unknown (a proxy that forwards does not make a remote caller local). Through a
     trusted proxy, the caller is the address the proxy added last (``X-Forwarded-For``, or
     ``X-Real-IP``); without either it is unknown.
     """
+    if not isinstance(request, Request):
+        request = Request(request)
     peer = request.client.host if request.client else ""
     headers = request.headers
     if peer not in trusted_proxies:
@@ -362,7 +372,7 @@ def create_app(
         if cfg.protect_reads and scopes and bearer_scope(header, scopes) is None:
             raise _HttpError(401, "a valid 'Authorization: Bearer <token>' is required")
 
-    async def heartbeat(body: bytes, authorization: bytes) -> bytes:
+    async def heartbeat(body: bytes, scope: Scope) -> bytes:
         try:
             data = loads_untrusted(body)
         except UntrustedJSONError as exc:
@@ -372,13 +382,21 @@ def create_app(
         except ValueError as exc:
             raise _HttpError(400, str(exc), _field_of(str(exc))) from None
         expected = cfg.agent_token_for(beat.host)
-        if expected is None or (
-            expected and not token_matches(authorization.decode("latin-1"), expected)
-        ):
+        authorization = _header(scope, b"authorization").decode("latin-1")
+        if expected is None or (expected and not token_matches(authorization, expected)):
             raise _HttpError(401, f"heartbeats of {beat.host} need their agent token")
-        return orders.encode(await beats.answer(beat))
+        if not cfg.tokens_identify_hosts:
+            # Behind a proxy that is not trusted, the source is the proxy: every host is then
+            # one address to the new-name limit (security.md tells to list the proxy).
+            client = scope.get("client")
+            peer = str(client[0]) if client else ""
+            beat = replace(beat, source=_caller(scope, trusted_proxies) or peer)
+        reply = await beats.answer(beat)
+        if reply.refused:
+            raise _HttpError(403, reply.refused)
+        return orders.encode(reply)
 
-    async def noop(body: bytes, authorization: bytes) -> bytes:
+    async def noop(body: bytes, scope: Scope) -> bytes:
         try:
             loads_untrusted(body)
         except UntrustedJSONError as exc:
@@ -533,6 +551,13 @@ def create_app(
             raise _HttpError(400, str(exc), exc.field) from None
         return JSONResponse({"bad": bad})
 
+    async def rebind(request: Request) -> Response:
+        require_admin(request)
+        host = request.path_params["host"]
+        if not await _off_loop(plane.commands.rebind, host):
+            raise _HttpError(404, f"no host {host!r} has sent a heartbeat", "host")
+        return _success(f"{host} unbound: its next heartbeat binds it to its address")
+
     async def openapi(request: Request) -> Response:
         require_read(request)
         return JSONResponse(OPENAPI)
@@ -591,6 +616,7 @@ def create_app(
         Route("/selfupgrade/v1/rollouts/{id}", guarded(rollout), methods=["GET"]),
         Route("/selfupgrade/v1/rollouts/{id}/{action}", guarded(rollout_action), methods=["POST"]),
         Route("/selfupgrade/v1/versions/bad", guarded(bad_versions), methods=["GET", "POST"]),
+        Route("/selfupgrade/v1/hosts/{host}/rebind", guarded(rebind), methods=["POST"]),
         Route("/selfupgrade/v1/openapi.json", guarded(openapi), methods=["GET"]),
         Route("/metrics", guarded(metrics), methods=["GET"]),
         Route("/", guarded(dashboard), methods=["GET"]),
@@ -632,7 +658,7 @@ class _FastPost:
     """
 
     def __init__(
-        self, handle: Callable[[bytes, bytes], Awaitable[bytes]], max_body_bytes: int
+        self, handle: Callable[[bytes, Scope], Awaitable[bytes]], max_body_bytes: int
     ) -> None:
         self.handle = handle
         self.max_body_bytes = max_body_bytes
@@ -640,9 +666,7 @@ class _FastPost:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         status = 200
         try:
-            payload = await self.handle(
-                await self._body(scope, receive), _header(scope, b"authorization")
-            )
+            payload = await self.handle(await self._body(scope, receive), scope)
         except _HttpError as exc:
             status = exc.status
             error: dict[str, Any] = {"msg": "error", "error": str(exc)}

@@ -12,6 +12,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 
+from packaging.utils import canonicalize_version
+
 from ..models import Release, parse_version
 from . import rules
 from ._fields import FieldError
@@ -57,9 +59,11 @@ class Commands(PlaneJob):
                 check is on); ``artifacts_field`` is the field it names.
             StoreError: the store failed.
         """
-        bad = self._store.bad_versions()
-        if task.kind == "upgrade" and str(task.version) in bad:
-            raise FieldError("version", f"{task.version} is marked bad: {bad[str(task.version)]}")
+        # 6.0.1.0 and 6.0.1 are one version: the list is keyed by its one spelling
+        bad = {canonicalize_version(v): why for v, why in self._store.bad_versions().items()}
+        why = bad.get(canonicalize_version(str(task.version)))
+        if task.kind == "upgrade" and why is not None:
+            raise FieldError("version", f"{task.version} is marked bad: {why}")
         self.check_artifacts(task, artifacts_field)
         if members is None:
             seen = self._fleet.all()
@@ -272,3 +276,13 @@ class Commands(PlaneJob):
             raise FieldError("version", str(exc)) from None
         self._store.mark_bad(str(parsed), reason)
         return self._store.bad_versions()
+
+    def rebind(self, host: str) -> bool:
+        """Unbind ``host`` from the address hbs first heard it from (the host moved): its
+        next heartbeat binds it to the address that one comes from. Return whether hbs knows
+        the host. Another hbs replica's binding is lifted at its restart."""
+        known = self._fleet.rebind(host)
+        if known:
+            log.info("%s unbound from its address: its next heartbeat binds it again", host)
+        return known
+

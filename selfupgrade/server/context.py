@@ -45,6 +45,11 @@ class PlaneConfig:
         artifact_recheck_s: how often an active rollout's artifacts are checked again.
         max_hosts: hosts the fleet view keeps; heartbeats of new hosts beyond it are not
             recorded or answered (a flood of made-up names cannot grow hbs without bound).
+        new_hosts_per_source: host names one network address may bring per
+            ``new_hosts_window_s`` (0: no limit); see :mod:`~selfupgrade.server.admission`.
+        new_hosts_window_s: that window.
+        host_ttl_s: a host no replica has heard from for this long is forgotten (its record,
+            its address binding).
         deaf_after_s: when housekeeping last completed longer ago than this (the store
             failed or stalled, hbs was stopped or paused), hbs could not hear anyone meanwhile:
             leases that ran out in that time are renewed, not failed.
@@ -59,6 +64,18 @@ class PlaneConfig:
     artifact_recheck_s: float = 60.0
     deaf_after_s: float = 5.0
     max_hosts: int = 2_000_000
+    new_hosts_per_source: int = 100
+    new_hosts_window_s: float = 600.0
+    host_ttl_s: float = 14 * 86400.0
+
+    def __post_init__(self) -> None:
+        count = self.new_hosts_per_source
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"new_hosts_per_source: must be an integer, 0 or more, got {count!r}")
+        for name in ("new_hosts_window_s", "host_ttl_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}: must be a positive number of seconds, got {value!r}")
 
 
 class RolloutCache:

@@ -139,8 +139,10 @@ class _Listener:
         max_frame_bytes: int,
         token_for: Callable[[str], str | None] | None,
         limits: RpcLimits,
+        tokens_identify_hosts: bool,
     ) -> None:
         self.beats = beats
+        self.tokens_identify_hosts = tokens_identify_hosts
         self.max = max_frame_bytes
         self.token_for = token_for
         self.limits = limits
@@ -171,7 +173,13 @@ class _Listener:
                     return {"code": 1, "Args": None}
             if not beat.reports_state:
                 beat = replace(beat, process=self.processes.process(beat.host, peer, connection))
-            task = (await self.beats.answer(beat)).task
+            if not self.tokens_identify_hosts:
+                beat = replace(beat, source=peer)
+            reply = await self.beats.answer(beat)
+            if reply.refused:
+                log.debug("ReportStatus of %s refused: %s", beat.host, reply.refused)
+                return {"code": 1, "Args": None}
+            task = reply.task
             args = task.seed_view() if task is not None else None
             if task is not None and args is None:
                 log.warning(
@@ -286,6 +294,7 @@ async def serve_falcon_rpc(
     *,
     max_frame_bytes: int = 64 * 1024,
     token_for: Callable[[str], str | None] | None = None,
+    tokens_identify_hosts: bool = False,
     batcher: HeartbeatBatcher | None = None,
     limits: RpcLimits | None = None,
 ) -> asyncio.Server:
@@ -298,10 +307,13 @@ async def serve_falcon_rpc(
         token_for: when given, ``ReportStatus`` must carry ``Token`` equal to
             ``token_for(host)`` (``""``: none needed; ``None``: refused). An unmodified falcon
             agent cannot send one, so require tokens only for selfupgrade's own RPC agents.
+        tokens_identify_hosts: ``token_for`` gives each host its own token, which proves who
+            sent a report; otherwise each report is bound to the address it came from
+            (:mod:`~selfupgrade.server.admission`).
     """
     beats = batcher or HeartbeatBatcher(lambda batch: plane.answer(batch))
     limits = limits or RpcLimits()
-    listener = _Listener(beats, max_frame_bytes, token_for, limits)
+    listener = _Listener(beats, max_frame_bytes, token_for, limits, tokens_identify_hosts)
     return await asyncio.start_server(
         listener.serve, host, port, limit=max_frame_bytes, backlog=limits.backlog
     )

@@ -30,8 +30,6 @@ class FleetView:
         store: where the view is kept for other replicas and restarts.
         seen_save_s: see :attr:`~selfupgrade.server.plane.PlaneConfig.seen_save_s`.
         clock: wall-clock time.
-        max_hosts: hosts the view keeps; a host not seen yet beyond that is not recorded
-            (see :meth:`has_room_for`).
     """
 
     def __init__(
@@ -39,11 +37,9 @@ class FleetView:
         store: FleetStore,
         seen_save_s: float,
         clock: Callable[[], float],
-        max_hosts: int = 2_000_000,
     ) -> None:
         self._store = store
         self._save_s = seen_save_s
-        self._max_hosts = max_hosts
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         now = clock()
@@ -72,7 +68,9 @@ class FleetView:
         version = self._version_text.get(beat.version)
         if version is None:
             version = self._version_text.setdefault(beat.version, str(beat.version))
-        return self._note(beat.host, version, beat.state.value, beat.error, beat.labels, now)
+        return self._note(
+            beat.host, version, beat.state.value, beat.error, beat.labels, beat.source, now
+        )
 
     def _note(
         self,
@@ -81,6 +79,7 @@ class FleetView:
         state: str,
         error: str | None,
         labels: Mapping[str, str],
+        source: str,
         now: float,
     ) -> float | None:
         save_s = self._save_s
@@ -105,17 +104,54 @@ class FleetView:
                 and prev.state == state
                 and prev.error == error
                 and prev.labels == labels
+                and (prev.address or not source)
             ):
                 return measured
-            seen = HostSeen(host, version, state, now, error, labels)
+            address, since = (prev.address or source, prev.since) if prev else (source, now)
+            seen = HostSeen(host, version, state, now, error, labels, address, since)
             self._seen[host] = seen
             self._dirty[host] = seen
             return measured
 
-    def has_room_for(self, host: str) -> bool:
-        """Whether ``host`` is known, or may still be added (the view holds fewer than
-        ``max_hosts``): a flood of made-up names cannot grow it without bound."""
-        return host in self._seen or len(self._seen) < self._max_hosts
+    def size(self) -> int:
+        """How many hosts the view holds."""
+        return len(self._seen)
+
+    def known(self, host: str) -> HostSeen | None:
+        """The host's last heartbeat as this process holds it (``None``: not heard of)."""
+        return self._seen.get(host)
+
+    def rebind(self, host: str) -> bool:
+        """Unbind ``host`` from its address: the next heartbeat binds it to its own. Return
+        whether hbs knows the host."""
+        with self._lock:
+            prev = self._seen.get(host)
+            if prev is None:
+                return False
+            self._seen[host] = self._dirty[host] = replace(prev, address="")
+            return True
+
+    def forget_silent(self, cutoff: float) -> list[str]:
+        """Forget the hosts no replica has heard from since ``cutoff`` (their records, their
+        bindings); return their names.
+
+        Raises:
+            StoreError: the store failed.
+        """
+        stored = self._store.hosts()
+        with self._lock:
+            gone = [
+                h
+                for h, s in stored.items()
+                if s.seen_at < cutoff and self._last_beat.get(h, -1e18) < cutoff
+            ]
+            for host in gone:
+                self._seen.pop(host, None)
+                self._last_beat.pop(host, None)
+                self._interval.pop(host, None)
+        if gone:
+            self._store.forget_hosts(gone)
+        return gone
 
     def last_beats(self) -> Mapping[str, float]:
         """Host -> when this process last heard from it (a live mapping: read, do not keep)."""

@@ -1,9 +1,10 @@
 """Housekeeping: the control plane's periodic work, run every second by hbs.
 
-Flush the fleet view to the store; expire the leases that ran out without news (each a failed
-attempt, :func:`~selfupgrade.server.rules.expire`; not those that ran out while hbs could not
-hear anyone: a store outage, a stalled store, hbs stopped); count the lost hosts of the current wave
-and move the rollout on (:func:`~selfupgrade.server.rules.advance`: bake, promote, complete).
+Flush the fleet view to the store; forget hosts silent for ``host_ttl_s``; expire the leases
+that ran out without news (each a failed attempt, :func:`~selfupgrade.server.rules.expire`;
+not those that ran out while hbs could not hear anyone: a store outage, a stalled store, hbs
+stopped); count the lost hosts of the current wave and move the rollout on
+(:func:`~selfupgrade.server.rules.advance`: bake, promote, complete).
 """
 
 from __future__ import annotations
@@ -38,11 +39,16 @@ class Housekeeping(PlaneJob):
         # this process started, nobody may have heard either (hbs was down).
         self._heard_until = self._clock()
         self._deaf: tuple[float, float] | None = (-math.inf, self._heard_until)
+        self._forgot_at = -math.inf
+
+    FORGET_EVERY_S = 3600.0
+    """How often hosts silent for longer than ``host_ttl_s`` are looked for."""
 
     def tick(self) -> None:
         """Flush, expire leases, advance the rollout. A store failure is logged; the next
         tick tries again."""
         self._fleet.flush()
+        self._forget_silent_hosts()
         try:
             task_id = self._store.active_id()
             task = self._store.task(task_id) if task_id is not None else None
@@ -70,6 +76,25 @@ class Housekeeping(PlaneJob):
             self._heard_until, self._deaf = self._clock(), None
         except StoreError as exc:
             log.error("periodic work failed (will retry): %s", exc)
+
+    def _forget_silent_hosts(self) -> None:
+        """Hourly: forget the hosts no replica has heard from for ``host_ttl_s``."""
+        now = self._clock()
+        if now - self._forgot_at < self.FORGET_EVERY_S:
+            return
+        self._forgot_at = now
+        try:
+            gone = self._fleet.forget_silent(now - self._config.host_ttl_s)
+        except StoreError as exc:
+            log.error("could not forget silent hosts (will retry): %s", exc)
+            return
+        if gone:
+            log.info(
+                "forgot %d host(s) silent for %g days: %s",
+                len(gone),
+                self._config.host_ttl_s / 86400,
+                ", ".join(sorted(gone)[:20]) + (" ..." if len(gone) > 20 else ""),
+            )
 
     def _artifacts_still_there(self, task: Task, now: float, *, before_wave: bool) -> bool:
         """Check the active rollout's artifacts again before a wave starts and every

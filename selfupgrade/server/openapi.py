@@ -343,6 +343,16 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": _json({"type": "object"}), **_ERRORS},
             },
         },
+        "/selfupgrade/v1/hosts/{host}/rebind": {
+            "post": {
+                "summary": "Unbind a host from the address it was first heard from (it moved); "
+                "its next heartbeat binds it again. Admin.",
+                "parameters": [
+                    {"name": "host", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": _json({"type": "object"}), **_ERRORS},
+            }
+        },
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics.",

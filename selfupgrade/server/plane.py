@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..models import Heartbeat, UpgradeOrder
 from . import rules
 from ._retry import TRIES
+from .admission import Admission
 from .commands import Commands
 from .context import PlaneConfig, PlaneContext, RolloutCache
 from .effects import Outcome
@@ -52,10 +53,13 @@ class Reply:
         task: the rollout whose order the host gets now; ``None``: no order.
         error: why hbs could not decide (the store failed or did not answer in time); the
             host gets no order and asks again at its next heartbeat.
+        refused: why the heartbeat was not listened to at all (not recorded, no order; see
+            :mod:`~selfupgrade.server.admission`); ``""``: it was.
     """
 
     task: Task | None = None
     error: str = ""
+    refused: str = ""
 
     @property
     def order(self) -> UpgradeOrder | None:
@@ -92,8 +96,14 @@ class ControlPlane:
         self._store = store
         self._clock = clock
         self._cache = RolloutCache(store, config.task_cache_s)
-        self.fleet = FleetView(store, config.seen_save_s, clock, config.max_hosts)
-        self._refused_logged_at = -1e18
+        self.fleet = FleetView(store, config.seen_save_s, clock)
+        self.admission = Admission(
+            self.fleet,
+            max_hosts=config.max_hosts,
+            new_hosts_per_source=config.new_hosts_per_source,
+            new_hosts_window_s=config.new_hosts_window_s,
+            clock=clock,
+        )
         context = PlaneContext(store, self.fleet, self._cache, config, clock)
         self.commands = Commands(context)
         self.views = Views(context)
@@ -111,8 +121,9 @@ class ControlPlane:
         the heartbeats are then answered with no order and the error.
         """
         now = self._clock()
-        if not all(self.fleet.has_room_for(b.host) for b in beats):
-            return self._answer_within_the_cap(beats, now)
+        refusals = [self.admission.refusal(b, now) for b in beats]
+        if any(refusals):
+            return self._answer_admitted(beats, refusals)
         intervals = [self.fleet.record(beat, now) for beat in beats]
         try:
             current = self._cache.get(now)
@@ -122,7 +133,16 @@ class ControlPlane:
             reads = self._store.read(task.id, [b.host for b in beats])
             free = now >= self._cache.full_until
             verdicts = [
-                rules.on_heartbeat(task, rollout, b, r, now, slot_may_be_free=free, interval_s=g)
+                rules.on_heartbeat(
+                    task,
+                    rollout,
+                    b,
+                    r,
+                    now,
+                    slot_may_be_free=free,
+                    interval_s=g,
+                    seen_since=self._since(b.host),
+                )
                 for b, r, g in zip(beats, reads, intervals, strict=True)
             ]
             return self._commit(task, beats, verdicts, now, intervals)
@@ -130,21 +150,15 @@ class ControlPlane:
             log.error("store failed; answering no order: %s", exc)
             return [Reply(error=f"store failed: {exc}")] * len(beats)
 
-    def _answer_within_the_cap(self, beats: Sequence[Heartbeat], now: float) -> list[Reply]:
-        """Answer the hosts the fleet view has room for; the others get no order and are not
-        recorded (logged at most once a minute)."""
-        room = [self.fleet.has_room_for(b.host) for b in beats]
-        if now - self._refused_logged_at >= 60:
-            self._refused_logged_at = now
-            log.warning(
-                "the fleet view holds max_hosts=%d hosts: heartbeats of new hosts are not "
-                "recorded or answered (%d in this batch)",
-                self.config.max_hosts,
-                room.count(False),
-            )
-        kept = [b for b, ok in zip(beats, room, strict=True) if ok]
+    def _answer_admitted(self, beats: Sequence[Heartbeat], refusals: list[str]) -> list[Reply]:
+        """Answer the heartbeats :class:`Admission` lets in; the others get their refusal."""
+        kept = [b for b, why in zip(beats, refusals, strict=True) if not why]
         answers = iter(self.answer(kept) if kept else [])
-        return [next(answers) if ok else NO_ORDER for ok in room]
+        return [Reply(refused=why) if why else next(answers) for why in refusals]
+
+    def _since(self, host: str) -> float | None:
+        seen = self.fleet.known(host)
+        return seen.since if seen is not None else None
 
     def _commit(
         self,
@@ -181,7 +195,9 @@ class ControlPlane:
         rollout = self._store.rollout(task.id, now)
         self._cache.update(task, rollout)
         read = self._store.read(task.id, [beat.host])[0]
-        verdict = rules.on_heartbeat(task, rollout, beat, read, now, interval_s=interval)
+        verdict = rules.on_heartbeat(
+            task, rollout, beat, read, now, interval_s=interval, seen_since=self._since(beat.host)
+        )
         if verdict.commit is None:
             return verdict, None
         return verdict, self._store.commit([verdict.commit])[0]

@@ -68,6 +68,7 @@ __all__ = [
     "judge_silent_agent",
     "may_join",
     "on_heartbeat",
+    "on_probation",
     "retry_at",
     "settled",
     "silence_grace",
@@ -178,6 +179,18 @@ def may_join(task: Task, beat: Heartbeat) -> bool:
     return task.kind == "upgrade" and plan.waves[-1].percent == 100.0 and plan.matches(beat.labels)
 
 
+def on_probation(task: Task, seen_since: float | None, now: float) -> bool:
+    """Whether a host first heard from at ``seen_since`` must still wait before it joins
+    ``task``: it appeared after the rollout was published, less than ``probation_s`` ago.
+    Until then it takes no slot, counts as no member and spends no failure budget, so that
+    names made up during a rollout cannot steer it."""
+    return (
+        seen_since is not None
+        and seen_since > task.created_at
+        and now - seen_since < task.limits.probation_s
+    )
+
+
 def decide(
     task: Task,
     beat: Heartbeat,
@@ -285,6 +298,7 @@ def on_heartbeat(
     *,
     slot_may_be_free: bool = True,
     interval_s: float | None = None,
+    seen_since: float | None = None,
 ) -> Verdict:
     """The verdict on one heartbeat: :func:`decide`, and the commit that carries it out.
 
@@ -293,11 +307,14 @@ def on_heartbeat(
             refused an admission a moment ago): an admission is then not even tried.
         interval_s: the host's heartbeat interval as measured (``None``: unknown); an
             admission sets the host's silence grace from it.
+        seen_since: when the host was first heard from (``None``: unknown); a host first
+            heard from after the rollout was published joins it only after the rollout's
+            ``probation_s`` (:func:`on_probation`).
     """
     wave = read.wave
     joining = wave is None
     if wave is None:
-        if not may_join(task, beat):
+        if not may_join(task, beat) or on_probation(task, seen_since, now):
             return NO_VERDICT
         wave = len(task.effective_plan.waves) - 1
     decision = decide(task, beat, read.progress, now, may_admit=admits(task, rollout, wave, now))

@@ -16,7 +16,7 @@ import functools
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from ..models import (
@@ -90,6 +90,9 @@ class TaskLimits:
         restart_grace_s: how long a host may take to restart into the new version and
             report; with its heartbeat interval it sets how soon a host that went silent
             after its order has failed (see :func:`~selfupgrade.server.rules.silence_grace`).
+        probation_s: a host first seen after the rollout was published joins it only once it
+            has been heard from for this long (0: at once), so that made-up names that appear
+            during a rollout cannot take its slots or spend its failure budget.
     """
 
     max_in_flight: int = 2000
@@ -98,6 +101,7 @@ class TaskLimits:
     retry_backoff_s: float = 120.0
     failure_limit: int = 2000
     restart_grace_s: float = 30.0
+    probation_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("max_in_flight", "max_attempts", "failure_limit"):
@@ -113,6 +117,14 @@ class TaskLimits:
                 or value <= 0
             ):
                 raise FieldError(name, "must be a positive, finite number")
+        probation = self.probation_s
+        if (
+            isinstance(probation, bool)
+            or not isinstance(probation, (int, float))
+            or not math.isfinite(probation)
+            or probation < 0
+        ):
+            raise FieldError("probation_s", "must be a finite number of seconds, 0 or more")
 
 
 @dataclass(frozen=True)
@@ -218,14 +230,7 @@ class Task:
         return {
             "id": self.id,
             "order": self.order().to_wire(),
-            "limits": {
-                "max_in_flight": self.limits.max_in_flight,
-                "lease_s": self.limits.lease_s,
-                "max_attempts": self.limits.max_attempts,
-                "retry_backoff_s": self.limits.retry_backoff_s,
-                "failure_limit": self.limits.failure_limit,
-                "restart_grace_s": self.limits.restart_grace_s,
-            },
+            "limits": asdict(self.limits),
             "created_at": self.created_at,
             "allow_downgrade": self.allow_downgrade,
             "seed": dict(self.seed) if self.seed is not None else None,
@@ -471,7 +476,13 @@ NO_ROLLOUT = RolloutState(status=Status.CANCELLED)
 
 @dataclass(frozen=True, slots=True)
 class HostSeen:
-    """The last heartbeat of a host, as the fleet view keeps it."""
+    """The last heartbeat of a host, as the fleet view keeps it.
+
+    Attributes:
+        address: the network address the host's name is bound to (the first it was heard
+            from; ``""``: not bound, see :mod:`~selfupgrade.server.admission`).
+        since: when the host was first heard from (0: before this was recorded).
+    """
 
     host: str
     version: str
@@ -479,6 +490,8 @@ class HostSeen:
     seen_at: float
     error: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    address: str = ""
+    since: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON object for stores and APIs."""
@@ -489,6 +502,8 @@ class HostSeen:
             "seen_at": self.seen_at,
             "error": self.error,
             "labels": dict(self.labels),
+            "address": self.address,
+            "since": self.since,
         }
 
     @classmethod

@@ -97,6 +97,9 @@ class FleetStore(Protocol):
     def hosts(self) -> dict[str, HostSeen]:
         """The latest heartbeat of every host."""
 
+    def forget_hosts(self, hosts: Iterable[str]) -> None:
+        """Drop these hosts' records (hosts silent for longer than the fleet keeps them)."""
+
 
 class VersionStore(Protocol):
     """Versions no rollout may install again."""

@@ -224,6 +224,12 @@ class MemoryStore:
         with self._lock:
             return dict(self._hosts)
 
+    def forget_hosts(self, hosts: Iterable[str]) -> None:
+        """Drop these hosts' records."""
+        with self._lock:
+            for host in hosts:
+                self._hosts.pop(host, None)
+
     def mark_bad(self, version: str, reason: str) -> None:
         """Record a bad version."""
         with self._lock:

@@ -344,6 +344,12 @@ class RedisStore:
         raw = self._run(self._r.hgetall, f"{self._p}:hosts")
         return {h: HostSeen.from_json(json.loads(v)) for h, v in raw.items()}
 
+    def forget_hosts(self, hosts: Iterable[str]) -> None:
+        """Drop these hosts' records in one command."""
+        names = list(hosts)
+        if names:
+            self._run(self._r.hdel, f"{self._p}:hosts", *names)
+
     def mark_bad(self, version: str, reason: str) -> None:
         """Record a bad version."""
         self._run(self._r.hset, f"{self._p}:bad", version, reason)

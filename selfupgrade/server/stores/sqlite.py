@@ -458,6 +458,16 @@ class SqliteStore:
             out[s.host] = s
         return out
 
+    def forget_hosts(self, hosts: Iterable[str]) -> None:
+        """Drop these hosts' records, 500 to a transaction."""
+        names = list(hosts)
+        for start in range(0, len(names), _CHUNK):
+            with self._sql(write=True) as db:
+                db.executemany(
+                    "DELETE FROM hosts WHERE host = ?",
+                    [(h,) for h in names[start : start + _CHUNK]],
+                )
+
     def mark_bad(self, version: str, reason: str) -> None:
         """Record a bad version."""
         with self._sql(write=True) as db:
