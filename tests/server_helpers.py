@@ -51,6 +51,7 @@ def task(
             max_attempts=attempts,
             retry_backoff_s=backoff_s,
             failure_limit=failure_limit,
+            probation_s=0,  # the rules of joining late are tested on their own
         ),
         allow_downgrade=allow_downgrade,
     )

@@ -7,6 +7,10 @@ also when the test fails (the harnesses are context managers).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +231,90 @@ def test_upgrade_under_real_supervisord(
         assert "restart" in sup.log("toy")
     assert host.triple() == dict(NEW.files)
     assert not psutil.pid_exists(info["pid"])  # stopping supervisord stopped the daemon too
+
+
+def _kill_on_sight(sup: Supervisord, victims: str, found: list[str]) -> threading.Thread:
+    """Watch for the restart helper of ``sup``'s program; the moment it appears, SIGKILL
+    the helper, the daemon or both (by PID), and note what was killed in ``found``."""
+    helper_module = "selfupgrade.restart._supervisor_helper"
+
+    def run() -> None:
+        daemon = sup.info("toy")["pid"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                argv = proc.info["cmdline"] or []
+                if helper_module in argv and sup.server_url in argv:
+                    if victims in ("helper", "both"):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        found.append(f"helper {proc.pid}")
+                    if victims in ("daemon", "both"):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(daemon, signal.SIGKILL)
+                            found.append(f"daemon {daemon}")
+                    return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("autorestart", ["true", "unexpected"])
+@pytest.mark.parametrize("victims", ["helper", "daemon", "both"])
+def test_no_kill_during_a_supervisord_restart_leaves_the_daemon_stopped(
+    host: Host,
+    artifact_server: ArtifactServer,
+    control_server: ControlServer,
+    tmp_path: Path,
+    autorestart: str,
+    victims: str,
+) -> None:
+    """Issue 12, point 1: the old helper stopped the program and then started it; killed in
+    between, supervisord kept it stopped (2 of 9 random kills). Now the daemon exits as a
+    crash would and supervisord's own autorestart starts it: kills at the helper's first
+    moment leave nothing stopped."""
+    publish(artifact_server, NEW)
+    sup = Supervisord(tmp_path / "supervisor")
+    sup.add_program(
+        "toy",
+        host.command(),
+        env=host.env(control_server, "supervisor", TOY_PROGRAM="toy"),
+        autorestart=autorestart,
+    )
+    with sup:
+        control_server.wait_for_version("toy-1", "1.0", timeout_s=30)
+        first = sup.info("toy")["pid"]
+        killed: list[str] = []
+        killer = _kill_on_sight(sup, victims, killed)
+        control_server.publish(NEW.order(artifact_server.base_url, algorithm="md5"))
+        killer.join(60)
+        control_server.wait_for_version("toy-1", "1.1", timeout_s=30)
+        info = sup.info("toy")
+        print(f"autorestart={autorestart}, killed {killed}: {info['statename']} pid {info['pid']}")
+        assert killed, "the helper never appeared"
+        assert info["statename"] == "RUNNING" and info["pid"] != first, sup.log("toy")
+    assert host.triple() == dict(NEW.files)
+
+
+def test_with_autorestart_false_the_helper_starts_the_program(
+    host: Host, artifact_server: ArtifactServer, control_server: ControlServer, tmp_path: Path
+) -> None:
+    publish(artifact_server, NEW)
+    sup = Supervisord(tmp_path / "supervisor")
+    sup.add_program(
+        "toy",
+        host.command(),
+        env=host.env(control_server, "supervisor", TOY_PROGRAM="toy"),
+        autorestart=False,
+    )
+    with sup:
+        control_server.wait_for_version("toy-1", "1.0", timeout_s=30)
+        control_server.publish(NEW.order(artifact_server.base_url, algorithm="md5"))
+        control_server.wait_for_version("toy-1", "1.1", timeout_s=30)
+        assert sup.info("toy")["statename"] == "RUNNING"
+        log = (tmp_path / "supervisor" / "supervisord.log").read_text()
+        assert "exit status 75; not expected" in log
 
 
 def test_crashing_release_is_rolled_back_under_real_supervisord(

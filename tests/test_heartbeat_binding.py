@@ -170,9 +170,7 @@ def test_a_host_that_appears_during_a_rollout_joins_it_after_its_probation(
 def test_per_host_tokens_identify_hosts_so_a_host_may_move(tmp_path: Path) -> None:
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"agent_tokens": {"h1": "t-h1"}}))
-    with Hbs(
-        f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log", config=config, rpc=True
-    ) as hbs:
+    with Hbs(f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log", config=config, rpc=True) as hbs:
         url = f"{hbs.url}{HEARTBEAT}"
         auth = {"Authorization": "Bearer t-h1"}
         for address in ("127.0.0.1", "127.0.0.2", "127.0.0.1"):

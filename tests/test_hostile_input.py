@@ -169,9 +169,7 @@ def test_sigterm_runs_hbss_own_shutdown(tmp_path: Path) -> None:
 def test_five_thousand_fake_versions_give_twenty_one_series(tmp_path: Path) -> None:
     """Issue 11, point 3: hosts reporting any version cannot grow the scrape without bound
     (the new-name limit per address, another defence, is off: all come from 127.0.0.1)."""
-    with Hbs(
-        f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log", new_hosts_per_source=0
-    ) as hbs:
+    with Hbs(f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log", new_hosts_per_source=0) as hbs:
         client = httpx.Client(timeout=30, trust_env=False)
         url = f"{hbs.url}/selfupgrade/v1/heartbeat"
         for i in range(30):  # 30 real hosts on 6.0.0

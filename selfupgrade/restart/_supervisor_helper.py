@@ -1,6 +1,11 @@
-"""The detached helper that SupervisorRestarter leaves behind: stop, then start, the program.
+"""The detached helper :class:`~selfupgrade.restart.SupervisorRestarter` leaves behind.
 
-Run as ``python -m selfupgrade.restart._supervisor_helper URL PROGRAM TIMEOUT_S``.
+Run as ``python -m selfupgrade.restart._supervisor_helper URL PROGRAM OLD_PID GRACE_S
+TIMEOUT_S``. The daemon (``OLD_PID``) exits unexpectedly right after starting it, and
+supervisord's ``autorestart`` normally starts the program again on its own: then the helper sees
+a new PID and exits having done nothing, and killing it changes nothing. Only when supervisord
+leaves the program ``EXITED`` (``autorestart=false``) or ``FATAL`` does it call
+``startProcess``; a program an operator ``STOPPED`` meanwhile stays stopped.
 """
 
 from __future__ import annotations
@@ -11,31 +16,54 @@ import xmlrpc.client
 
 from .supervisor import supervisor_proxy
 
+SETTLE_S = 3.0
+"""How long a program may stay ``EXITED`` before the helper starts it (supervisord's own
+autorestart acts within a tick, about a second)."""
 
-def restart_program(url: str, program: str, timeout_s: float) -> int:
-    """Stop ``program`` through supervisord's XML-RPC, then start it again; the exit status."""
+
+def start_if_left_down(
+    url: str, program: str, old_pid: int, grace_s: float, timeout_s: float
+) -> int:
+    """Watch ``program`` for ``grace_s``; start it if supervisord leaves it down. The exit
+    status: 0 when it runs again (or an operator stopped it), 1 when it could not be started."""
     proxy = supervisor_proxy(url, timeout_s=timeout_s)
-    deadline = time.monotonic() + 60
-    try:
-        proxy.supervisor.stopProcess(program, True)
-    except xmlrpc.client.Fault as fault:
-        if "NOT_RUNNING" not in fault.faultString:
-            print(
-                f"selfupgrade: stopProcess({program}) failed: {fault.faultString}", file=sys.stderr
-            )
+    deadline = time.monotonic() + grace_s
+    down_since: float | None = None
     while time.monotonic() < deadline:
         try:
-            proxy.supervisor.startProcess(program, True)
+            info = proxy.supervisor.getProcessInfo(program)
+        except (OSError, xmlrpc.client.Error):
+            time.sleep(0.2)
+            continue
+        if not isinstance(info, dict):
+            time.sleep(0.2)
+            continue
+        state, pid = info.get("statename"), info.get("pid")
+        if state in ("STARTING", "RUNNING", "BACKOFF") and pid != old_pid:
             return 0
-        except xmlrpc.client.Fault as fault:
-            if "ALREADY_STARTED" in fault.faultString:
-                return 0
-            time.sleep(0.2)
-        except OSError:
-            time.sleep(0.2)
-    print(f"selfupgrade: could not start {program} again through {url}", file=sys.stderr)
+        if state in ("STOPPED", "STOPPING"):
+            return 0  # an operator's stop
+        if state in ("EXITED", "FATAL"):
+            now = time.monotonic()
+            down_since = down_since if down_since is not None else now
+            if now - down_since >= SETTLE_S:
+                try:
+                    proxy.supervisor.startProcess(program, False)
+                    print(f"selfupgrade: started {program} again ({state})", file=sys.stderr)
+                    return 0
+                except xmlrpc.client.Fault as fault:
+                    if "ALREADY_STARTED" in fault.faultString:
+                        return 0
+                except OSError:
+                    pass
+        time.sleep(0.2)
+    print(f"selfupgrade: {program} did not run again within {grace_s:g} s", file=sys.stderr)
     return 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(restart_program(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    raise SystemExit(
+        start_if_left_down(
+            sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+        )
+    )

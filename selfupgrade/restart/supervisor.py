@@ -1,14 +1,18 @@
-"""Restart under supervisord, through its XML-RPC interface or by exiting into ``autorestart``.
+"""Restart under supervisord: exit as a crash would, and let supervisord start the program.
 
-A process cannot ask supervisord to stop and then start *itself* in one call: the stop kills
-the caller before it could ask for the start. So in ``"rpc"`` mode the restarter first checks,
-over XML-RPC, that supervisord runs this very process under ``program`` (a clear error
-otherwise), then leaves a small detached helper
-(``python -m selfupgrade.restart._supervisor_helper``) that calls ``supervisor.stopProcess``
-and ``supervisor.startProcess`` and exits. This works whatever ``autorestart`` says. If the
-process is still alive ``grace_s`` later (the helper failed), it exits, so that autorestart
-and the guard take over rather than leaving it half-way. In ``"exit"`` mode it just exits and
-relies on ``autorestart=true``.
+A process cannot ask supervisord to stop and then start *itself*: the stop kills the caller
+before it could ask for the start, and a helper that does both for it can be killed between
+the two, leaving the program stopped on request, where ``autorestart`` does not apply. So in
+``"rpc"`` mode the restarter never stops the program. It checks over XML-RPC that supervisord
+runs this very process as ``program`` and reads the program's ``exitcodes``; then it exits with
+a code that is not one of them. To supervisord that is an unexpected exit, and its
+``autorestart`` (``unexpected``, the default, or ``true``) starts the program again itself: one
+act that supervisord carries out, and a kill at any moment (of the daemon, or of anything
+else) is an unexpected exit too. For ``autorestart=false``, which XML-RPC does not show, it
+leaves a detached helper (``python -m selfupgrade.restart._supervisor_helper``) that starts
+the program if supervisord leaves it ``EXITED`` (never one an operator ``STOPPED``); only
+there does the restart depend on a second process. In ``"exit"`` mode it just exits with
+``exit_code`` and relies on ``autorestart=true``.
 
 Only the standard library's ``xmlrpc.client`` is used; ``unix://`` and ``http://`` server URLs
 are both understood.
@@ -22,14 +26,14 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import xmlrpc.client
+from collections.abc import Collection
 from typing import Any, Literal
 
 from .._system import System
 from ..errors import RestartFailed
 
-__all__ = ["SupervisorRestarter", "supervisor_proxy"]
+__all__ = ["SupervisorRestarter", "supervisor_proxy", "unexpected_exit_code"]
 
 log = logging.getLogger("selfupgrade.restart")
 
@@ -85,10 +89,11 @@ class SupervisorRestarter:
         program: the name of the ``[program:x]`` section (``group:name`` for groups).
         server_url: supervisord's XML-RPC address; default ``$SUPERVISOR_SERVER_URL``, which
             supervisord sets for the programs it runs.
-        how: ``"rpc"`` (stop and start through XML-RPC) or ``"exit"`` (rely on autorestart).
-        exit_code: the code for ``"exit"`` mode and for the exit after ``grace_s``.
+        how: ``"rpc"`` (check over XML-RPC, exit unexpectedly) or ``"exit"`` (just exit with
+            ``exit_code``, for ``autorestart=true``).
+        exit_code: the code for ``"exit"`` mode.
         timeout_s: for each XML-RPC call.
-        grace_s: how long to wait for supervisord to stop this process in ``"rpc"`` mode.
+        grace_s: how long the helper watches for a program that supervisord left ``EXITED``.
         system: the seam for exits.
     """
 
@@ -140,7 +145,7 @@ class SupervisorRestarter:
                 f"supervisord runs {self.program!r} as pid {pid}, not as this "
                 f"process ({os.getpid()}); check the program name"
             )
-        log.info("asking supervisord at %s to restart %s", self.server_url, self.program)
+        code = unexpected_exit_code(_exitcodes(proxy, self.program))
         subprocess.Popen(
             [
                 sys.executable,
@@ -148,20 +153,41 @@ class SupervisorRestarter:
                 "selfupgrade.restart._supervisor_helper",
                 self.server_url,
                 self.program,
+                str(os.getpid()),
+                str(self._grace_s),
                 str(self._timeout_s),
             ],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             close_fds=True,
         )
-        timer = threading.Timer(self._grace_s, self._gave_up)
-        timer.daemon = True
-        timer.start()
-
-    def _gave_up(self) -> None:
-        log.error(
-            "supervisord did not restart %s within %gs; exiting so autorestart takes over",
+        log.info(
+            "exiting with %d, not one of %s's exitcodes: supervisord's autorestart starts the "
+            "new version",
+            code,
             self.program,
-            self._grace_s,
         )
-        self._sys.exit_now(self._exit_code)
+        self._sys.exit_now(code)
+
+
+def unexpected_exit_code(exitcodes: Collection[int]) -> int:
+    """An exit code supervisord counts as unexpected for a program with ``exitcodes``: 75
+    (``EX_TEMPFAIL``) unless it is listed."""
+    candidates: list[int] = [75, *range(64, 126)]
+    return next(c for c in candidates if c not in exitcodes)
+
+
+def _exitcodes(proxy: xmlrpc.client.ServerProxy, program: str) -> list[int]:
+    """The program's ``exitcodes`` (supervisord's default, ``[0]``, if it cannot tell)."""
+    group, _, name = program.rpartition(":")
+    try:
+        infos = proxy.supervisor.getAllConfigInfo()
+    except (OSError, xmlrpc.client.Error) as exc:
+        log.warning("supervisord did not tell %s's exitcodes (%s); assuming [0]", program, exc)
+        return [0]
+    for info in infos if isinstance(infos, list) else []:
+        if info.get("name") == name and (not group or info.get("group") == group):
+            codes = info.get("exitcodes")
+            if isinstance(codes, list) and all(isinstance(c, int) for c in codes):
+                return codes
+    return [0]

@@ -285,4 +285,3 @@ class Commands(PlaneJob):
         if known:
             log.info("%s unbound from its address: its next heartbeat binds it again", host)
         return known
-

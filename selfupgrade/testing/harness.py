@@ -252,9 +252,14 @@ class Supervisord(Managed):
         *,
         env: Mapping[str, str] | None = None,
         directory: str | Path | None = None,
-        autorestart: bool = True,
+        autorestart: bool | str = True,
     ) -> None:
-        """Add a program (before :meth:`start`)."""
+        """Add a program (before :meth:`start`); ``autorestart`` is ``True``, ``False`` or
+        supervisord's word (``"unexpected"``, its own default)."""
+        if isinstance(autorestart, bool):
+            autorestart = "true" if autorestart else "false"
+        if autorestart not in ("true", "false", "unexpected"):
+            raise ValueError(f"autorestart must be true, false or unexpected: {autorestart!r}")
         for arg in argv:
             if any(c in arg for c in " \t\n'\"%"):
                 raise ValueError(f"supervisord command arguments must be plain words: {arg!r}")
@@ -264,7 +269,7 @@ class Supervisord(Managed):
                 command=" ".join(argv),
                 environment=dict(env or {}),
                 directory=str(directory) if directory else None,
-                autorestart="true" if autorestart else "false",
+                autorestart=autorestart,
             )
         )
 

@@ -45,7 +45,8 @@ class HbsServer(RecordsErrors):
 
     Args:
         directory: where the embedded store's file goes (a fresh directory per test).
-        limits: limits of falcon-API tasks (queue length, lease, retries, failure limit).
+        limits: limits of falcon-API tasks (queue length, lease, retries, failure limit;
+            by default 5 slots, a 30 s lease, 2 s backoff and no probation).
         app: the HTTP front end's settings (tokens, ...); admin routes answer loopback callers.
         tick_s: how often leases are expired and waves promoted.
 
@@ -64,7 +65,10 @@ class HbsServer(RecordsErrors):
         super().__init__()
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._limits = limits or TaskLimits(max_in_flight=5, lease_s=30, retry_backoff_s=2)
+        # no probation: a test's agents often first beat after its publish
+        self._limits = limits or TaskLimits(
+            max_in_flight=5, lease_s=30, retry_backoff_s=2, probation_s=0
+        )
         self._app_config = app or AppConfig(tick_s=tick_s)
         self.store: SqliteStore | None = None
         self.plane: ControlPlane | None = None
