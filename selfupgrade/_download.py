@@ -18,7 +18,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import DeadlineExceeded, DownloadError, SelfUpgradeError, SizeMismatch
+from .errors import (
+    DeadlineExceeded,
+    DownloadError,
+    SelfUpgradeError,
+    SizeMismatch,
+    disk_error,
+)
 from .models import Artifact
 from .transport.base import Fetcher
 from .verify.base import StreamCheck, Verifier
@@ -45,8 +51,12 @@ class _Sink:
         max_bytes: int,
         deadline: float,
         clock: Callable[[], float],
+        dest: Path,
+        check_room: Callable[[int], None] | None,
     ) -> None:
         self._fd = fd
+        self._dest = dest
+        self._check_room = check_room
         self._url = url
         self._factory = check_factory
         self.check = check_factory()
@@ -83,6 +93,10 @@ class _Sink:
         if self._pending_bytes >= _BATCH_BYTES:
             self._hand_off()
 
+    def announce(self, size: int) -> None:
+        if self._check_room is not None:
+            self._check_room(size)
+
     def _hand_off(self) -> None:
         if self._error is not None:
             raise self._error
@@ -103,9 +117,12 @@ class _Sink:
     def _consume(self, batch: list[bytes]) -> None:
         for chunk in batch:
             view = memoryview(chunk)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            try:
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+            except OSError as exc:  # the local disk, not the network
+                raise disk_error(exc, self._dest, "writing the download to") from exc
             self.check.update(chunk)
 
     def drain(self) -> None:
@@ -148,19 +165,27 @@ def download_artifact(
     timeout_s: float,
     clock: Callable[[], float] = time.monotonic,
     on_verifying: Callable[[], None] | None = None,
+    check_room: Callable[[int], None] | None = None,
 ) -> int:
     """Fetch ``artifact`` into the new file ``dest``, verify it, fsync it; return its size.
 
     ``dest`` is created exclusively (mode 0600) and, when this raises, removed.
+    ``check_room(size)`` is called with the size the artifact or its server announces, before
+    its bytes (it raises ``InsufficientSpace`` when they cannot fit).
 
     Raises:
         DownloadError: the fetch failed (``DeadlineExceeded`` when it was too slow).
         SizeMismatch: more than ``max_bytes`` or the artifact's size, or fewer than its size.
         DigestMismatch: the bytes are not the expected ones.
         UnsafeURL: a redirect was refused.
+        HostNotReady: the local disk failed (``InsufficientSpace``: it is full, or the
+            announced size cannot fit).
     """
     cap = max_bytes if artifact.size is None else min(max_bytes, artifact.size)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise disk_error(exc, dest, "creating the download file") from exc
     ok = False
     deadline = clock() + timeout_s
     sink: _Sink | None = None
@@ -172,7 +197,11 @@ def download_artifact(
             max_bytes=cap,
             deadline=deadline,
             clock=clock,
+            dest=dest,
+            check_room=check_room,
         )
+        if artifact.size is not None:
+            sink.announce(artifact.size)
         try:
             fetcher.fetch(artifact.url, sink, deadline=deadline, max_bytes=cap)
         except SelfUpgradeError:
@@ -193,7 +222,10 @@ def download_artifact(
         if on_verifying is not None:
             on_verifying()
         sink.check.finish()
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise disk_error(exc, dest, "flushing the download to") from exc
         ok = True
         log.info(
             "fetched %s (%d bytes, %s verified)",

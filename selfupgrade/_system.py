@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 __all__ = ["System"]
+
+
+def temp_name(path: Path) -> Path:
+    """A new temporary name beside ``path``: ``.<name>.su-<hex>.tmp``, the pattern the
+    installer's clean-up removes when nothing names it."""
+    return path.parent / f".{path.name}.su-{secrets.token_hex(6)}.tmp"
 
 
 class System:
@@ -67,11 +73,13 @@ class System:
     def write_atomic(self, path: Path, data: bytes, *, step: str, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` so that a crash leaves the old or the new content, whole.
 
-        A temporary file in the same directory is written and fsynced, renamed over ``path``,
-        and the directory is fsynced.
+        A temporary file in the same directory (named by :func:`temp_name`, so that a kill
+        in between leaves nothing the installer's clean-up would not find) is written and
+        fsynced, renamed over ``path``, and the directory is fsynced.
         """
         self.checkpoint(step)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = temp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -17,8 +17,9 @@
     │   ├── UnsafeURL               not http/https, or a redirect to another scheme or host
     │   ├── UnsafePath              a target outside the install directory, or a symlink trick
     │   └── DowngradeRefused        the target is older and the order does not allow a downgrade
-    ├── HostNotReady                fix the host, then retry: no free space, no write permission
-    │   └── InsufficientSpace
+    ├── HostNotReady                fix the host, then retry: no free space, no write permission,
+    │   │                           a read-only file system (path; :func:`disk_error` makes them)
+    │   └── InsufficientSpace       the file system is full or too small (path, needed, free)
     ├── InstallFailed               the swap failed and was rolled back; the old version runs
     ├── RestartFailed               the new version is installed but could not be (re)started
     └── OperatorNeeded              the host cannot repair itself; a person must look
@@ -26,12 +27,18 @@
 
 Every error carries structured attributes (``url``, ``expected``, ``actual``, ``status_code``,
 ``path``) so that callers and heartbeats can report them without parsing messages.
+A failure of the local disk is never reported as a network one: the places where local file
+operations meet foreign code (the installer's public methods, the download's writer) turn an
+``OSError`` into a ``HostNotReady`` with :func:`disk_error`.
 ``InvalidVersion``, ``UnsafeURL`` and ``UnsafePath`` are also ``ValueError``: they are raised
 while parsing input, so code that validates input catches them with everything else.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from pathlib import Path
 
 __all__ = [
@@ -56,6 +63,7 @@ __all__ = [
     "UnsafePath",
     "UnsafeURL",
     "UntrustedContent",
+    "disk_error",
 ]
 
 
@@ -212,10 +220,50 @@ class InsufficientSpace(HostNotReady):
         free: bytes free there.
     """
 
-    def __init__(self, message: str, *, path: str | Path, needed: int, free: int) -> None:
+    def __init__(
+        self, message: str, *, path: str | Path, needed: int | None, free: int | None
+    ) -> None:
         super().__init__(message, path=path)
         self.needed = needed
         self.free = free
+
+
+def disk_error(exc: OSError, path: str | Path | None, doing: str) -> HostNotReady:
+    """The error of the tree for a local file operation that failed with ``exc``: what was
+    being done, on which path, the cause in words, and what to do about it.
+
+    Args:
+        path: the file or directory (``None``: the one ``exc`` names).
+        doing: what was being done, as a phrase ("writing the install journal").
+    """
+    where = Path(path if path is not None else exc.filename or ".")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(where)
+        return InsufficientSpace(
+            f"{doing} {where}: the file system is full ({free} bytes free); free space there",
+            path=where,
+            needed=None,
+            free=free,
+        )
+    if exc.errno == errno.EROFS:
+        advice = "the file system is read-only; remount it read-write"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        advice = "permission denied; give the agent's user write access to it"
+    else:
+        advice = f"{exc.strerror or exc}"
+    error = HostNotReady(f"{doing} {where}: {advice}", path=where)
+    error.__cause__ = exc
+    return error
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (path, *path.parents):
+        if os.path.isdir(candidate):
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
 
 
 class InstallFailed(SelfUpgradeError):

@@ -12,6 +12,13 @@ so systemd's ``Type=notify`` and supervisord see the daemon itself). While a ver
 trial it first leaves a *watcher* process behind: if the daemon neither confirms nor dies before
 the deadline (it hangs), the watcher rolls back and stops it, and the supervisor's restart
 brings up the old version through the guard.
+
+The guard never keeps the daemon from starting because of the updater's own files. When it
+cannot recover or count a start (the state or install directory is read-only or full, the
+journal is unreadable), it starts the version whose files are all on disk byte for byte as
+the journal records them, and tells the daemon what it could not do in
+``$SELFUPGRADE_GUARD_PROBLEM``, which the updater reports in its next heartbeat. Only when no
+complete version is on disk does it refuse to start (exit 1, saying which files to look at).
 """
 
 from __future__ import annotations
@@ -27,9 +34,13 @@ from pathlib import Path
 
 import psutil
 
+from .errors import SelfUpgradeError
 from .install.triple import TripleInstaller
 
-__all__ = ["guard", "guard_command", "watch"]
+__all__ = ["GUARD_PROBLEM_ENV", "guard", "guard_command", "watch"]
+
+GUARD_PROBLEM_ENV = "SELFUPGRADE_GUARD_PROBLEM"
+"""The environment variable in which the guard tells the daemon what it could not do."""
 
 log = logging.getLogger("selfupgrade.guard")
 
@@ -54,7 +65,10 @@ def guard(state_dir: Path, command: Sequence[str], *, watch_trial: bool = True) 
     Returns the exit status when there is no command to exec (``ExecStartPre=`` use).
     """
     installer = TripleInstaller(state_dir)
-    report = installer.boot(now=time.time(), claim=False)
+    try:
+        report = installer.boot(now=time.time(), claim=False)
+    except SelfUpgradeError as exc:
+        return _start_what_is_whole(installer, exc, command)
     for message in report.messages:
         print(f"selfupgrade guard: {message}", file=sys.stderr, flush=True)
     if not command:
@@ -75,6 +89,36 @@ def guard(state_dir: Path, command: Sequence[str], *, watch_trial: bool = True) 
             stdin=subprocess.DEVNULL,
             close_fds=True,
         )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(command[0], list(command))
+
+
+def _start_what_is_whole(
+    installer: TripleInstaller, exc: SelfUpgradeError, command: Sequence[str]
+) -> int:
+    """The guard could not recover or count this start: exec the version that is whole on
+    disk, telling it why; refuse (1) when none is."""
+    try:
+        version = installer.version_on_disk()
+    except SelfUpgradeError as unreadable:
+        version, why = "unknown", f"{exc}; the journal is unreadable too ({unreadable})"
+    else:
+        why = str(exc)
+    if version is None:
+        print(
+            f"selfupgrade guard: {exc}; and no version's files are all on disk as "
+            f"{installer.state_dir / 'state.json'} records them: not starting a mix (look at "
+            "the files it names, then start again)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    problem = f"{why}; started {version}, the version whose files are whole on disk"
+    print(f"selfupgrade guard: {problem}", file=sys.stderr, flush=True)
+    if not command:
+        return 0
+    os.environ[GUARD_PROBLEM_ENV] = problem
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvp(command[0], list(command))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -37,6 +38,7 @@ from .errors import (
     SelfUpgradeError,
     UnsafePath,
 )
+from .guard import GUARD_PROBLEM_ENV
 from .install.base import ConfirmPolicy, Installer, StagedFile
 from .models import (
     Artifact,
@@ -262,6 +264,10 @@ class Updater:
         if self._started:
             return
         self._started = True
+        problem = os.environ.pop(GUARD_PROBLEM_ENV, "")
+        if problem:
+            log.error("the guard reported: %s", problem)
+            self._set(UpgradeState.IDLE, f"guard: {problem}")
         report = self._installer.boot(now=self._now(), claim=True)
         for message in report.messages:
             log.info("%s", message)
@@ -476,6 +482,7 @@ class Updater:
                     max_bytes=self.config.max_download_bytes,
                     timeout_s=self.config.download_timeout_s,
                     on_verifying=lambda: self._set(UpgradeState.VERIFYING),
+                    check_room=functools.partial(self._room_for, targets[artifact.role]),
                 )
                 staged.append(
                     StagedFile(artifact.role, targets[artifact.role], path, artifact.mode)
@@ -490,8 +497,12 @@ class Updater:
             )
         finally:
             for f in staged:
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(f.staged)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # must not hide why the upgrade failed
+                    log.warning("could not remove the staged %s: %s", f.staged, exc)
         self._digest_cache.clear()
         if not changed:
             self._set(UpgradeState.IDLE)
@@ -500,6 +511,10 @@ class Updater:
         self._installed = True
         self._restart(f"installed {order.version}")
         return True
+
+    def _room_for(self, target: Path, size: int) -> None:
+        """Refuse a download whose announced ``size`` cannot fit beside ``target``."""
+        self._installer.preflight([(target, size)])
 
     def _failure_count(self) -> int:
         if self._failed_version is None:
@@ -576,6 +591,7 @@ class Updater:
             self.on_start()
         except SelfUpgradeError as exc:
             log.error("could not read the install state: %s", exc)
+            self._set(UpgradeState.IDLE, f"could not read the install state: {exc}")
         while not self._stop.is_set():
             delay = self.tick()
             self._stop.wait(delay)

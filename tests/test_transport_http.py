@@ -35,6 +35,7 @@ class _Sink:
         self.data = bytearray()
         self.restarts = 0
         self.cap = cap
+        self.announced: list[int] = []
 
     @property
     def received(self) -> int:
@@ -50,6 +51,9 @@ class _Sink:
     def restart(self) -> None:
         self.data.clear()
         self.restarts += 1
+
+    def announce(self, size: int) -> None:
+        self.announced.append(size)
 
 
 @pytest.fixture

@@ -41,7 +41,6 @@ import re
 import secrets
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Any, Literal
 
 import filelock
 
-from .._system import System
+from .._system import System, temp_name
 from ..errors import (
     HostNotReady,
     InstallFailed,
@@ -58,6 +57,7 @@ from ..errors import (
     OperatorNeeded,
     RecoveryFailed,
     SelfUpgradeError,
+    disk_error,
 )
 from .base import (
     DEFAULT_MODES,
@@ -135,9 +135,9 @@ class TripleInstaller:
                 raise HostNotReady(
                     f"cannot install {target}: directory {directory} does not exist", path=directory
                 )
+            probe = temp_name(target)  # what a kill leaves here, the clean-up removes
             try:
-                fd, probe = tempfile.mkstemp(dir=directory, prefix=".su-probe-")
-                os.close(fd)
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 os.unlink(probe)
             except OSError as exc:
                 raise HostNotReady(
@@ -321,6 +321,16 @@ class TripleInstaller:
             LockBusy, RecoveryFailed.
         """
         messages: list[str] = []
+        state = self._load()
+        if state.get("txn") is None:
+            # Nothing to recover or count: nothing must be written (the state directory may
+            # be read-only or full); only what kills left behind is cleared, if it can be.
+            try:
+                with self._locked():
+                    self._collect_garbage(self._load())
+            except HostNotReady as exc:
+                log.warning("could not clear leftover files: %s", exc)
+            return BootReport(status=_status(state), recovered=None, rolled_back=False, messages=())
         with self._locked():
             recovered = self._recover_locked(messages=messages)
             state = self._load()
@@ -356,6 +366,35 @@ class TripleInstaller:
                 rolled_back=rolled_back,
                 messages=tuple(messages),
             )
+
+    def version_on_disk(self) -> str | None:
+        """The version whose every file the journal records is on disk byte for byte: its
+        current or previous generation, or either side of an interrupted transaction
+        (``None``: none is whole, or there is no journal). Reads only; for a guard that
+        cannot write and must still start a complete version.
+
+        Raises:
+            RecoveryFailed: the journal is unreadable.
+        """
+        state = self._load()
+        candidates: list[tuple[str, dict[str, str | None]]] = []
+        for gen in ("current", "previous"):
+            spec = state.get(gen) or {}
+            files = spec.get("files") or {}
+            if files:
+                candidates.append(
+                    (str(spec.get("version")), {f["path"]: f["sha256"] for f in files.values()})
+                )
+        txn = state.get("txn") or {}
+        if txn.get("kind") == "install":
+            for side, key in (("from_version", "old_sha256"), ("to_version", "new_sha256")):
+                candidates.append(
+                    (str(txn[side]), {e["path"]: e[key] for e in txn.get("files") or []})
+                )
+        for version, files in candidates:
+            if files and all(sha256_file(Path(p)) == sha for p, sha in files.items()):
+                return version
+        return None
 
     def confirm(self, *, now: float | None = None) -> None:
         """End the trial: the current generation is healthy. A no-op when nothing is on trial."""
@@ -526,16 +565,23 @@ class TripleInstaller:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        """Hold the lock; the one place where the installer's ``OSError`` becomes an error of
+        the tree (:func:`~selfupgrade.errors.disk_error`, naming the path and what to do)."""
         try:
             self._lock.acquire()
         except filelock.Timeout:
             raise LockBusy(
                 f"another updater holds {self._lock.lock_file}; try again later"
             ) from None
+        except OSError as exc:
+            raise disk_error(exc, self._lock.lock_file, "taking the install lock") from exc
         try:
             yield
+        except OSError as exc:
+            raise disk_error(exc, None, "updating") from exc
         finally:
-            self._lock.release()
+            with contextlib.suppress(OSError):
+                self._lock.release()
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -556,9 +602,12 @@ class TripleInstaller:
 
     def _save(self, state: dict[str, Any], *, step: str) -> None:
         state["format"] = _FORMAT
-        self._sys.write_atomic(
-            self._state_path, json.dumps(state, indent=1, sort_keys=True).encode(), step=step
-        )
+        try:
+            self._sys.write_atomic(
+                self._state_path, json.dumps(state, indent=1, sort_keys=True).encode(), step=step
+            )
+        except OSError as exc:
+            raise disk_error(exc, self._state_path, "writing the install journal") from exc
 
     def _discard(self, files: Sequence[StagedFile]) -> None:
         for f in files:
@@ -576,6 +625,7 @@ class TripleInstaller:
         for e in (state.get("txn") or {}).get("files") or []:
             targets.add(Path(e["path"]))
             keep.update(x for x in (e.get("staged"), e.get("backup")) if x)
+        targets.add(self._state_path)  # the journal's own temporary files
         names = {t.name for t in targets}
         for directory in {t.parent for t in targets}:
             with contextlib.suppress(OSError), os.scandir(directory) as it:

@@ -76,6 +76,7 @@ class FakeFetcher:
         if url not in self.files:
             raise DownloadError(f"GET {url} answered 404", url=url, status_code=404)
         data = self.files[url]
+        sink.announce(len(data))  # as a server's Content-Length
         for i in range(0, len(data), self.chunk_size):
             sink.write(data[i : i + self.chunk_size])
 

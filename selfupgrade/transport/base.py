@@ -58,6 +58,15 @@ class ByteSink(Protocol):
     def restart(self) -> None:
         """Drop everything received; the fetcher is starting over from byte 0."""
 
+    def announce(self, size: int) -> None:
+        """The server announced the whole artifact's ``size`` (``Content-Length``); a
+        fetcher calls this before the body when it knows, so that what cannot fit on the
+        local disk is refused before it is downloaded.
+
+        Raises:
+            InsufficientSpace: the file system lacks room for ``size`` bytes.
+        """
+
 
 @runtime_checkable
 class Fetcher(Protocol):

@@ -290,6 +290,8 @@ class HttpFetcher:
                                 expected=max_bytes,
                                 actual=int(length),
                             )
+                        if length and length.isdigit():
+                            sink.announce(int(length))
                     else:
                         raise DownloadError(
                             f"GET {url} answered {resp.status_code}",
