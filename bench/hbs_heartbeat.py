@@ -92,7 +92,7 @@ def measure(
     """Start hbs on ``store_url`` and measure: no-op, heartbeats, no-op again."""
     port = free_port()
     log = tmp / f"hbs-{label}.log"
-    entry = [args.hbs_wrapper] if args.hbs_wrapper else ["-m", "examples.hbs_server"]
+    entry = [args.hbs_wrapper] if args.hbs_wrapper else ["-m", "selfupgrade.server"]
     argv = [
         sys.executable,
         *entry,
@@ -307,7 +307,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--hbs-wrapper",
-        help="a Python file run instead of `-m examples.hbs_server` with the same arguments "
+        help="a Python file run instead of `-m selfupgrade.server` with the same arguments "
         "(it runs hbs itself, for example under a profiler or a stall watchdog)",
     )
     parser.add_argument(

@@ -65,7 +65,7 @@ def wait(what: str, check: Any, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-def real(tmp: Path) -> tuple[float, list[tuple[float, float]], float]:
+def real(tmp: Path, agents: int) -> tuple[float, list[tuple[float, float]], float]:
     """Run the real rollout: (duration, per wave (start, settle) from publication, median
     per-host upgrade time), seconds."""
     config = {**AGENT_CFG, "heartbeat": {**AGENT_CFG["heartbeat"], "interval": 0.5}}
@@ -74,12 +74,12 @@ def real(tmp: Path) -> tuple[float, list[tuple[float, float]], float]:
     with (
         ArtifactServer() as files,
         Hbs(f"sqlite:{db}", tmp / "hbs.log", queue=4, lease_s=30, retry_backoff_s=2) as hbs,
-        Fleet(tmp, AGENTS, [hbs.url], old=build(OLD, config=config)),
+        Fleet(tmp, agents, [hbs.url], old=build(OLD, config=config)),
     ):
         wgeturl = serve_release(files, new)
         wait(
-            f"{AGENTS} agents on {OLD}",
-            lambda: list(hbs.versions().values()).count(OLD) == AGENTS,
+            f"{agents} agents on {OLD}",
+            lambda: list(hbs.versions().values()).count(OLD) == agents,
             120,
         )
         import hashlib
@@ -116,9 +116,9 @@ def real(tmp: Path) -> tuple[float, list[tuple[float, float]], float]:
     return finished - published, spans, upgrade
 
 
-def simulated(upgrade_s: float) -> tuple[float, list[tuple[float, float]]]:
+def simulated(upgrade_s: float, agents: int) -> tuple[float, list[tuple[float, float]]]:
     config = SimConfig(
-        hosts=AGENTS,
+        hosts=agents,
         plan=Plan.from_json(PLAN),
         interval_s=0.5,
         jitter=0.2,
@@ -143,22 +143,26 @@ def simulated(upgrade_s: float) -> tuple[float, list[tuple[float, float]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-real", action="store_true", help="only the 100,000-host run")
+    parser.add_argument("--skip-large", action="store_true", help="only the real rollout")
+    parser.add_argument("--agents", type=int, default=AGENTS, help=f"real agents ({AGENTS})")
     args = parser.parse_args()
+    agents = args.agents
     print(f"machine: {machine()}")
-    large()
+    if not args.skip_large:
+        large()
     if args.skip_real:
         return
     with tempfile.TemporaryDirectory(prefix="su-bench-sim-") as d:
-        real_s, real_waves, upgrade = real(Path(d))
-    sim_s, sim_waves = simulated(upgrade)
+        real_s, real_waves, upgrade = real(Path(d), agents)
+    sim_s, sim_waves = simulated(upgrade, agents)
     print(
-        f"real rollout of {AGENTS} agents: {real_s:.1f} s; median upgrade of one host "
+        f"real rollout of {agents} agents: {real_s:.1f} s; median upgrade of one host "
         f"(admission to done) {upgrade:.2f} s"
     )
     for k, ((rs, re), (ss, se)) in enumerate(zip(real_waves, sim_waves, strict=False)):
         print(f"  wave {k + 1}: real {rs:.1f}-{re:.1f} s, simulated {ss:.1f}-{se:.1f} s")
     report(
-        f"simulated rollout of {AGENTS} agents",
+        f"simulated rollout of {agents} agents",
         sim_s,
         "s",
         ref=real_s,

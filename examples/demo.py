@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -266,11 +267,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.queue >= args.agents:
         parser.error("--queue must be below --agents, or there is nothing to queue")
+    # SIGTERM ends the demo as Ctrl-C does: through every "with", so that all it started stops
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args)
     except KeyboardInterrupt:
         say("interrupted; everything started was stopped")
         return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

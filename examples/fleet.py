@@ -34,7 +34,7 @@ AGENT_CFG: dict[str, Any] = {
 
 
 class Hbs:
-    """``python -m examples.hbs_server`` on a free port; restartable with the same store."""
+    """``python -m selfupgrade.server`` (hbs) on a free port; restartable with the same store."""
 
     def __init__(
         self,
@@ -63,7 +63,7 @@ class Hbs:
         args = [
             sys.executable,
             "-m",
-            "examples.hbs_server",
+            "selfupgrade.server",
             "--http",
             f"127.0.0.1:{self.port}",
             "--rpc",

@@ -136,6 +136,7 @@ def test_a_read_only_install_directory_with_an_interrupted_install_starts_the_ol
         OLD.install(install)
         installer = TripleInstaller(state)
         staged = NEW.stage(installer, install)
+        spec = repr([(f.role.value, str(f.target), str(f.staged), f.mode) for f in staged])
         child = textwrap.dedent(
             f"""
             import os, signal, sys
@@ -148,9 +149,7 @@ def test_a_read_only_install_directory_with_an_interrupted_install_starts_the_ol
                     if step.startswith("backup:"):
                         os.kill(os.getpid(), signal.SIGKILL)
 
-            staged = [StagedFile(Role(r), Path(t), Path(s), m) for r, t, s, m in {
-                [(f.role.value, str(f.target), str(f.staged), f.mode) for f in staged]!r
-            }]
+            staged = [StagedFile(Role(r), Path(t), Path(s), m) for r, t, s, m in {spec}]
             TripleInstaller({str(state)!r}, system=KillAtBackup()).install(
                 "1.1", staged, from_version="1.0", confirm=ConfirmPolicy())
             """

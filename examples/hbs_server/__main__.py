@@ -1,5 +1,5 @@
-"""``python -m examples.hbs_server``."""
+"""``python -m examples.hbs_server``: the short example server (``selfupgrade-hbs`` is hbs)."""
 
 from .server import main
 
-raise SystemExit(main())
+main()

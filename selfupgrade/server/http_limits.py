@@ -10,7 +10,7 @@ response), the body within ``body_timeout_s`` of the head; otherwise the connect
 closed. And beyond ``max_connections`` connections, the oldest that has not sent a complete
 head yet is closed (or, when there is none, the new one), so that hostile clients cannot take
 every file descriptor from the agents. Use it as uvicorn's ``http`` protocol class
-(``examples/hbs_server`` does).
+(``selfupgrade-hbs`` does).
 """
 
 from __future__ import annotations

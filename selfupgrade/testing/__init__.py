@@ -22,6 +22,7 @@ from .control_server import HEARTBEAT_PATH, ControlServer
 from .fakes import CrashingSystem, FakeFetcher, FakeRestarter, FakeTransport, RecordingSystem
 from .fleet import AgentHome, Fleet
 from .harness import Notification, ServiceHarness, Supervisord, stop_pid
+from .processes import marked, new_mark, stop_marked, with_mark
 from .redis_server import RedisServer, find_redis_server, free_port
 from .releases import ReleaseFactory
 from .toy import TOY_FILES, ToyRelease, toy_release, toy_version
@@ -49,9 +50,13 @@ __all__ = [
     "ToyRelease",
     "find_redis_server",
     "free_port",
+    "marked",
+    "new_mark",
+    "stop_marked",
     "stop_pid",
     "toy_release",
     "toy_version",
+    "with_mark",
 ]
 
 

@@ -8,7 +8,10 @@ reads them with ``SO_PASSCRED``.
 :class:`Supervisord` writes a config, starts a real ``supervisord`` (the ``supervisor``
 package) on a unix socket in a temporary directory, and talks to it over XML-RPC.
 
-Both stop everything they started, by PID, in :meth:`stop` and on ``__exit__``.
+Both stop everything they started, by PID, in :meth:`stop` and on ``__exit__``: every
+process that carries their mark (:mod:`~selfupgrade.testing.processes`), the detached
+helpers and watchers of their programs included, all at once; ``stop`` raises when one
+could not be stopped.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 from ..restart.supervisor import supervisor_proxy
 from ._base import Managed
+from .processes import new_mark, stop_marked, with_mark
 
 __all__ = ["Notification", "ServiceHarness", "Supervisord", "stop_pid"]
 
@@ -111,6 +115,8 @@ class ServiceHarness(Managed):
         self._stopping = threading.Event()
         self._lock = threading.Condition()
         self._threads: list[threading.Thread] = []
+        self.mark = new_mark()
+        """The mark every process of this service carries (:mod:`.processes`)."""
 
     @property
     def pid(self) -> int | None:
@@ -128,7 +134,7 @@ class ServiceHarness(Managed):
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         argv, self.next_argv = self.next_argv or self.argv, None
-        env = {**os.environ, **self.env, "NOTIFY_SOCKET": self.notify_socket}
+        env = with_mark({**os.environ, **self.env, "NOTIFY_SOCKET": self.notify_socket}, self.mark)
         out: Any = subprocess.DEVNULL
         if self.log_path is not None:
             out = open(self.log_path, "ab")  # noqa: SIM115 - closed after the child exits
@@ -201,14 +207,16 @@ class ServiceHarness(Managed):
         """Stop restarting, then stop the running process (SIGTERM, then SIGKILL)."""
         self._stopping.set()
         proc = self._proc
-        if proc is not None and proc.poll() is None:
-            stop_pid(proc.pid, grace_s=grace_s, group=True)
+        left = stop_marked(self.mark, grace_s=grace_s)
+        if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(grace_s)
         for t in self._threads:
             t.join(5)
         self._sock.close()
         self._tmp.cleanup()
+        if left:
+            raise RuntimeError(f"processes of the service could not be stopped: {left}")
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,8 @@ class Supervisord(Managed):
         self.programs: list[Program] = []
         self.pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self.mark = new_mark()
+        """The mark supervisord and every process it starts carry (:mod:`.processes`)."""
 
     def add_program(
         self,
@@ -314,6 +324,7 @@ class Supervisord(Managed):
         conf.write_text(self.config_text())
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)],
+            env=with_mark(dict(os.environ), self.mark),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -346,9 +357,19 @@ class Supervisord(Managed):
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """Stop every program and supervisord itself, by PID."""
-        if self._proc is not None and self._proc.poll() is None:
-            stop_pid(self._proc.pid, grace_s=grace_s)
+        """Stop supervisord and every process it started (its programs, their children and
+        detached helpers) all at once, by PID, SIGKILL after ``grace_s``.
+
+        Raises:
+            RuntimeError: naming the PIDs that could not be stopped.
+        """
+        left: list[int] = []
+        if self._proc is not None:
+            left = stop_marked(self.mark, grace_s=grace_s, first=[self._proc.pid])
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5)
         self._proc = None
         if self._tmp is not None:
             self._tmp.cleanup()
+        if left:
+            raise RuntimeError(f"processes of supervisord could not be stopped: {left}")
