@@ -41,10 +41,13 @@ class Built:
         return hashlib.md5(self.config, usedforsecurity=False).hexdigest()
 
     def write(self, directory: Path) -> None:
-        """Write ``bin_<version>`` and ``cfg_<version>`` into ``directory``."""
+        """Write ``bin_<version>`` and ``cfg_<version>`` into ``directory``, and their md5s
+        beside them (``bin_<version>.md5``, for scripts that publish)."""
         directory.mkdir(parents=True, exist_ok=True)
         (directory / f"bin_{self.version}").write_bytes(self.program)
         (directory / f"cfg_{self.version}").write_bytes(self.config)
+        (directory / f"bin_{self.version}.md5").write_text(self.bin_md5 + "\n")
+        (directory / f"cfg_{self.version}.md5").write_text(self.cfg_md5 + "\n")
 
     def install(self, directory: Path) -> None:
         """Install as a first install would: ``falcon-agent`` and ``cfg.json``."""
@@ -94,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("version")
     parser.add_argument("directory", type=Path)
     parser.add_argument("--python", help="interpreter for the #! line (default: this one)")
+    parser.add_argument(
+        "--interval", type=float, help="heartbeat interval in seconds (default 60, as the seed)"
+    )
     args = parser.parse_args(argv)
-    built = build(args.version, python=args.python)
+    config = {"heartbeat": {"interval": args.interval}} if args.interval else None
+    built = build(args.version, python=args.python, config=config)
     built.write(args.directory)
     print(
         f"wrote bin_{args.version} (md5 {built.bin_md5}) and cfg_{args.version} "
-        f"(md5 {built.cfg_md5}) to {args.directory}"
+        f"(md5 {built.cfg_md5}) to {args.directory}, with their .md5 files"
     )
     body = {
         "wgeturl": "http://<file server>/<path>",

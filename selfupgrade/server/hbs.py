@@ -36,6 +36,8 @@ from .plane import ControlPlane
 from .stores import StoreError, open_store
 from .tasks import TaskLimits
 
+__all__ = ["DEFAULTS", "Config", "main", "parse_args", "serve"]
+
 log = logging.getLogger("hbs")
 
 DEFAULTS: dict[str, Any] = json.loads((Path(__file__).with_name("hbs.json")).read_text())
