@@ -11,6 +11,7 @@ Data shared with the control server lives in :mod:`selfupgrade.models`, errors i
 :mod:`selfupgrade.errors`, fakes for tests in :mod:`selfupgrade.testing`.
 """
 
+import logging
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
@@ -65,6 +66,10 @@ try:
     __version__ = _dist_version("selfupgrade")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
+
+# A library configures no logging: its records go to whatever the application set up, and
+# nowhere (not to stderr through logging's last resort) when it set up nothing.
+logging.getLogger("selfupgrade").addHandler(logging.NullHandler())
 
 __all__ = [
     "Artifact",

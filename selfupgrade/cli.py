@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from . import _release_cli, _rollout_cli
+from . import __version__, _release_cli, _rollout_cli
 from .errors import SelfUpgradeError
 
 __all__ = ["main"]
@@ -27,6 +27,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfupgrade", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"selfupgrade {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser(

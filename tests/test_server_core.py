@@ -143,6 +143,16 @@ def test_failures_back_off_then_give_up(store) -> None:  # type: ignore[no-untyp
     assert (c.failed, c.failures, c.in_flight) == (1, 2, 0)
 
 
+def test_the_status_lists_failed_hosts_with_their_reasons(store) -> None:  # type: ignore[no-untyped-def]
+    """Issue 13, point 5: the status gave a count; the reason was only in the logs."""
+    plane = plane_with(store)
+    plane.commands.publish(task(limit=2, attempts=1))
+    assert send(plane, beat("a")) and send(plane, beat("b"))
+    send(plane, beat("a", state=S.FAILED, task_id="t1", failures=1, error="md5 mismatch"))
+    failures = plane.views.status()["failures"]
+    assert failures == [{"host": "a", "attempts": 1, "reason": "md5 mismatch", "gave_up": True}]
+
+
 def test_the_task_halts_at_the_failure_limit(store) -> None:  # type: ignore[no-untyped-def]
     plane = plane_with(store)
     plane.commands.publish(task(limit=5, failure_limit=2))

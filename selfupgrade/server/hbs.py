@@ -26,6 +26,7 @@ from typing import Any
 
 import uvicorn
 
+from .. import __version__
 from .app import AppConfig, create_app
 from .artifacts import ArtifactCheck
 from .batch import HeartbeatBatcher
@@ -118,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-c", "--config", type=Path, help="cfg.json (default: built-in defaults)")
+    parser.add_argument("--version", action="version", version=f"selfupgrade-hbs {__version__}")
     parser.add_argument("--http")
     parser.add_argument("--rpc")
     parser.add_argument("--store")
@@ -311,15 +313,29 @@ async def serve(cfg: Config) -> None:
             ssl_keyfile=str(cfg.tls[1]) if cfg.tls else None,
         )
     )
+    limits, plane_cfg = cfg.plane.limits, cfg.plane
     log.info(
-        "hbs on %s://%s:%d%s, store %s, %d slots, lease %gs, failure limit %d",
+        "hbs on %s://%s:%d%s, store %s",
         "https" if cfg.tls else "http",
         *cfg.http,
         f", rpc {cfg.rpc[0]}:{cfg.rpc[1]}" if cfg.rpc else "",
         cfg.store,
-        cfg.plane.limits.max_in_flight,
-        cfg.plane.limits.lease_s,
-        cfg.plane.limits.failure_limit,
+    )
+    log.info(
+        "settings (docs/operators-guide.md says why): %d slots, lease %gs, %d attempts a "
+        "host, retry after %gs, halt after %d failed attempts, restart grace %gs, probation "
+        "%gs, artifact check %s, %d new names per address per %gs, at most %d hosts",
+        limits.max_in_flight,
+        limits.lease_s,
+        limits.max_attempts,
+        limits.retry_backoff_s,
+        limits.failure_limit,
+        limits.restart_grace_s,
+        limits.probation_s,
+        "on" if plane_cfg.artifact_check is not None else "OFF",
+        plane_cfg.new_hosts_per_source,
+        plane_cfg.new_hosts_window_s,
+        plane_cfg.max_hosts,
     )
     try:
         await server.serve(sockets=[http_socket])

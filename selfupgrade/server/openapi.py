@@ -263,7 +263,8 @@ OPENAPI: dict[str, Any] = {
         },
         "/selfupgrade/v1/status": {
             "get": {
-                "summary": "The active rollout's counters and the fleet by version/state.",
+                "summary": "The active rollout's counters, its failed hosts with reasons, and the "
+                "fleet by version/state.",
                 "responses": {"200": _json({"type": "object"})},
             }
         },

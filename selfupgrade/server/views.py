@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +18,14 @@ from .context import PlaneJob
 from .tasks import HostProgress, HostSeen, HostState, RolloutState, Status, Task
 
 __all__ = [
+    "MAX_LISTED_FAILURES",
     "STATES",
     "MetricsSnapshot",
     "Views",
     "detail_view",
     "display_state",
     "eta_s",
+    "failure_entry",
     "status_view",
     "summary_view",
 ]
@@ -92,14 +94,31 @@ def eta_s(
     return math.ceil(left / rate + max(bakes, 0.0))
 
 
+MAX_LISTED_FAILURES = 20
+"""Failed hosts the status lists (the rollout's detail lists them all)."""
+
+
+def failure_entry(p: HostProgress) -> dict[str, Any]:
+    """A host whose last attempt failed, as views list it."""
+    return {
+        "host": p.host,
+        "attempts": p.attempts,
+        "reason": p.reason,
+        "gave_up": p.state == HostState.FAILED,
+    }
+
+
 def status_view(
     task: Task | None,
     rollout: RolloutState,
     hosts: Mapping[str, HostSeen],
     store_warning: str = "",
+    progress: Sequence[HostProgress] = (),
 ) -> dict[str, Any]:
-    """``GET /selfupgrade/v1/status``: the active rollout, its counters, the fleet by version
-    and by state, and ``store_warning`` when the store seems to have lost its data."""
+    """``GET /selfupgrade/v1/status``: the active rollout, its counters, the hosts whose last
+    attempt failed and why (at most :data:`MAX_LISTED_FAILURES`), the fleet by version and by
+    state, and ``store_warning`` when the store seems to have lost its data."""
+    failed = sorted((p for p in progress if p.reason), key=lambda p: p.host)
     return {
         "store_warning": store_warning,
         "task": task.to_json() if task is not None else None,
@@ -113,6 +132,7 @@ def status_view(
             "halt_reason": rollout.halt_reason,
             "wave": rollout.wave,
         },
+        "failures": [failure_entry(p) for p in failed[:MAX_LISTED_FAILURES]],
         "hosts": len(hosts),
         "versions": dict(Counter(s.version for s in hosts.values())),
         "states": dict(Counter(s.state for s in hosts.values())),
@@ -163,15 +183,7 @@ def detail_view(
         if len(hosts) < 2000:
             hosts[host] = {"wave": index, "state": state, "version": s.version if s else None}
         if p is not None and p.reason:
-            failures.append(
-                {
-                    "host": host,
-                    "wave": index,
-                    "attempts": p.attempts,
-                    "reason": p.reason,
-                    "gave_up": p.state == HostState.FAILED,
-                }
-            )
+            failures.append({**failure_entry(p), "wave": index})
     counters = rollout.waves
     waves = []
     status = rollout.status
@@ -265,7 +277,8 @@ class Views(PlaneJob):
         """See :func:`status_view`."""
         active = self.active()
         task, rollout = active if active is not None else (None, RolloutState())
-        return status_view(task, rollout, self._fleet.all(), self._cache.lost)
+        progress = self._store.all_progress(task.id) if task is not None else []
+        return status_view(task, rollout, self._fleet.all(), self._cache.lost, progress)
 
     def summaries(self) -> list[dict[str, Any]]:
         """One line per rollout, newest first."""
