@@ -19,6 +19,28 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
+@nox.session(python=["3.10", "3.13"])
+def compat(session: nox.Session) -> None:
+    """The core in-process tests (models, updater, installer, the control plane and its
+    stores) on the lowest and the highest Python the package supports; the whole suite runs
+    on the default one."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *(session.posargs or COMPAT_TESTS))
+
+
+COMPAT_TESTS = [
+    "tests/test_models.py",
+    "tests/test_policy.py",
+    "tests/test_updater.py",
+    "tests/test_installer.py",
+    "tests/test_download.py",
+    "tests/test_server_core.py",
+    "tests/test_server_rollouts.py",
+    "tests/test_silent_agents.py",
+    "tests/test_exports.py",
+]
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
@@ -32,6 +54,14 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
     session.install("-e", ".[test]", "mypy", "types-psutil")
     session.run("mypy", "--strict", "selfupgrade")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site (Sphinx, MyST Markdown, furo; the API reference from the docstrings)
+    in docs/_build/html, warnings as errors."""
+    session.install("-e", ".[server,docs]")
+    session.run("sphinx-build", "-b", "html", "-W", "--keep-going", "docs", "docs/_build/html")
 
 
 @nox.session

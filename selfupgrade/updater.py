@@ -52,6 +52,7 @@ from .models import (
 )
 from .policy import FailureRecord, jittered_interval, order_applies, retry_allowed_at
 from .restart.base import Restarter
+from .restart.systemd import ready_or_unsupervised
 from .transport.base import Fetcher, Transport
 from .transport.http import HttpFetcher
 from .verify.base import Verifier
@@ -333,6 +334,7 @@ class Updater:
             healthy = self._health_check() if self._health_check is not None else self._beat_ok
         except Exception:
             log.exception("the health check raised; counting it as unhealthy")
+        healthy = healthy and ready_or_unsupervised()
         if healthy:
             self._installer.confirm()
             self._on_trial = False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 VERSION = "6.0.0"
 HEALTHY = True  # a build for tests and demos can make a release that fails its health check
+SAYS_READY = True  # ... or one that hangs before it tells systemd READY=1
 
 import argparse  # noqa: E402 - VERSION stays the first statement, where the build stamps it
 import http.server  # noqa: E402
@@ -293,8 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     if updater is not None:
         updater.start()
     log.info("falcon-agent %s started (self_upgrade=%s)", VERSION, updater is not None)
+    if not SAYS_READY:
+        stop.wait()  # a broken build: systemd's start timeout ends it
     su.notify_ready(f"falcon-agent {VERSION}")
-    stop.wait()
+    from selfupgrade.restart import watchdog_interval_s
+
+    watchdog = watchdog_interval_s()  # under WatchdogSec=: half the timeout
+    while not stop.wait(watchdog if watchdog else 3600):
+        su.notify_watchdog()
     log.info("falcon-agent %s stopping", VERSION)
     if updater is not None:
         updater.stop()

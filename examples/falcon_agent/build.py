@@ -64,12 +64,14 @@ def build(
     config: Mapping[str, Any] | None = None,
     crash_at_start: bool = False,
     unhealthy: bool = False,
+    hang_before_ready: bool = False,
 ) -> Built:
     """Stamp ``version`` into the agent and its ``#!`` line; merge ``config`` into cfg.json.
 
     ``crash_at_start`` builds a broken release that exits with status 3 before doing anything;
-    ``unhealthy`` one that runs but never passes its health check (for demos and tests of
-    automatic rollback and of halting).
+    ``unhealthy`` one that runs but never passes its health check, ``hang_before_ready`` one
+    that never tells systemd ``READY=1`` (for demos and tests of automatic rollback and of
+    halting).
     """
     source = (HERE / "agent.py").read_text()
     if not _VERSION_LINE.search(source):
@@ -78,6 +80,8 @@ def build(
     source = source.replace("#!/usr/bin/env python3", f"#!{python or sys.executable}", 1)
     if unhealthy:
         source = source.replace("HEALTHY = True", "HEALTHY = False", 1)
+    if hang_before_ready:
+        source = source.replace("SAYS_READY = True", "SAYS_READY = False", 1)
     if crash_at_start:
         source = source.replace(
             f'VERSION = "{version}"\n', f'VERSION = "{version}"\nraise SystemExit(3)\n', 1

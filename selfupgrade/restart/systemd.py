@@ -23,6 +23,7 @@ __all__ = [
     "notify_ready",
     "notify_status",
     "notify_watchdog",
+    "ready_or_unsupervised",
     "watchdog_interval_s",
 ]
 
@@ -33,9 +34,21 @@ def _notifier() -> sdnotify.SystemdNotifier:
     return sdnotify.SystemdNotifier()
 
 
+_told_ready = threading.Event()
+
+
 def notify_ready(status: str | None = None) -> None:
     """Tell systemd the daemon has started (``READY=1``); a no-op outside systemd."""
     _notifier().notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
+    _told_ready.set()
+
+
+def ready_or_unsupervised() -> bool:
+    """Whether this process may count as started: it told systemd ``READY=1``
+    (:func:`notify_ready`), or it runs without a notify socket (nothing to tell). Under
+    ``Type=notify`` a version that never says READY is killed by the start timeout however
+    healthy it looks otherwise, so the updater does not confirm it before."""
+    return _told_ready.is_set() or not os.environ.get("NOTIFY_SOCKET")
 
 
 def notify_status(status: str) -> None:

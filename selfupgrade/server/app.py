@@ -2,23 +2,24 @@
 
 Routes:
 
-=========================  ======  ===========================================================
-``/selfupgrade/v1/heartbeat``  POST  an agent's heartbeat -> ``{"order": null | {...}}``
-``/agent/upgrade``          POST    publish a task (the falcon API; admin)
-``/agent/upgrade``          DELETE  cancel the task and free its slots (admin)
-``/agent/upgrade/nowargs``  GET     the task in the falcon API's form
-``/agentversions``          GET     ``{host: version}``
-``/agents``                 GET     the hosts seen
-``/selfupgrade/v1/status``  GET     the task, its counters, the fleet by version and state
-``/selfupgrade/v1/rollouts``  GET/POST  list rollouts / create one (a release and a plan)
-``/selfupgrade/v1/rollouts/{id}``  GET  one rollout: waves, counts by state, failures, ETA
-``/selfupgrade/v1/rollouts/{id}/{action}``  POST  pause, resume, abort, rollback (admin)
-``/selfupgrade/v1/versions/bad``  GET/POST  versions marked bad / mark one (admin)
-``/selfupgrade/v1/openapi.json``  GET  the OpenAPI description of these routes
-``/metrics``                GET     Prometheus metrics
-``/``                       GET     the dashboard
-``/health``                 GET     ``ok``, or 503 naming what does not answer (within 1 s)
-=========================  ======  ===========================================================
+==========================================  ========  ==========================================
+``/selfupgrade/v1/heartbeat``               POST      a heartbeat -> ``{"order": null | {...}}``
+``/agent/upgrade``                          POST      publish a task (the falcon API; admin)
+``/agent/upgrade``                          DELETE    cancel the task, free its slots (admin)
+``/agent/upgrade/nowargs``                  GET       the task in the falcon API's form
+``/agentversions``                          GET       ``{host: version}``
+``/agents``                                 GET       the hosts seen
+``/selfupgrade/v1/status``                  GET       the task, counters, failures, the fleet
+``/selfupgrade/v1/rollouts``                GET/POST  list rollouts / create one
+``/selfupgrade/v1/rollouts/{id}``           GET       waves, states, failures, ETA
+``/selfupgrade/v1/rollouts/{id}/{action}``  POST      pause, resume, abort, rollback (admin)
+``/selfupgrade/v1/versions/bad``            GET/POST  bad versions / mark one (admin)
+``/selfupgrade/v1/hosts/{host}/rebind``     POST      unbind a host from its address (admin)
+``/selfupgrade/v1/openapi.json``            GET       the OpenAPI description
+``/metrics``                                GET       Prometheus metrics
+``/``                                       GET       the dashboard
+``/health``                                 GET       ``ok``, or 503 naming what does not answer
+==========================================  ========  ==========================================
 
 Admin routes answer only callers on a loopback address (127.0.0.0/8 or ::1) that came without
 proxy headers (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``): a proxy on localhost does

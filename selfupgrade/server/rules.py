@@ -15,6 +15,7 @@ What a heartbeat means (:func:`decide`), in order:
    slot is renewed.
 2. Given up on this host for this task: nothing.
 3. It holds a slot:
+
    * it reports a *new* failure of this task (its failure count grew since it was
      admitted): the attempt failed; the slot is released, the host backs off or is given up;
    * (its lease running out is housekeeping's business, :func:`expire`: a host that speaks
@@ -24,6 +25,7 @@ What a heartbeat means (:func:`decide`), in order:
      judged by :func:`judge_silent_agent`: the order is never sent twice to one process;
    * otherwise (an agent that reports its state, and did not get the order or is still
      backing off on its side): the order is sent again (such an agent acts on a task once).
+
 4. It runs a newer version and the task does not allow a downgrade: nothing.
 5. It is backing off and its time has not come: nothing.
 6. The rollout does not admit it now (:func:`admits`): nothing.

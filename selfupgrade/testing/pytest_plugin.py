@@ -10,6 +10,9 @@ Installing selfupgrade makes them available with no conftest:
   (:class:`~selfupgrade.testing.ControlServer`).
 * ``hbs``: the real control server in-process with the embedded store, fresh for each test
   (:class:`~selfupgrade.testing.hbs.HbsServer`; needs ``selfupgrade[server]``).
+* ``systemd``: a real systemd as PID 1 of its own namespaces
+  (:class:`~selfupgrade.testing.systemd.Systemd`); skipped with the reason where it cannot run
+  (not root, no systemd, no writable cgroup2), a failure with ``SELFUPGRADE_REQUIRE_SYSTEMD=1``.
 * ``fleet``: three in-process agents of the toy daemon 1.0 beating to ``hbs``
   (:class:`~selfupgrade.testing.Fleet`); ``make_fleet(...)`` builds others (more agents, your
   release, your daemon as real processes).
@@ -31,7 +34,15 @@ from .control_server import ControlServer
 from .fleet import Fleet
 from .releases import ReleaseFactory
 
-__all__ = ["artifact_server", "control_server", "fleet", "hbs", "make_fleet", "release_factory"]
+__all__ = [
+    "artifact_server",
+    "control_server",
+    "fleet",
+    "hbs",
+    "make_fleet",
+    "release_factory",
+    "systemd",
+]
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +98,19 @@ def make_fleet(
 def fleet(make_fleet: Callable[..., Fleet]) -> Fleet:
     """Three in-process agents running the toy daemon 1.0, beating to ``hbs``."""
     return make_fleet(n=3)
+
+
+@pytest.fixture
+def systemd() -> Iterator[Any]:
+    """A real systemd in namespaces, booted for the test and stopped after it."""
+    import os
+
+    from .systemd import Systemd, unavailable
+
+    why = unavailable()
+    if why:
+        if os.environ.get("SELFUPGRADE_REQUIRE_SYSTEMD") == "1":
+            pytest.fail(f"a real systemd is required (SELFUPGRADE_REQUIRE_SYSTEMD=1): {why}")
+        pytest.skip(f"a real systemd cannot run here: {why}")
+    with Systemd() as manager:
+        yield manager
