@@ -21,6 +21,7 @@ from __future__ import annotations
 VERSION = "6.0.0"
 HEALTHY = True  # a build for tests and demos can make a release that fails its health check
 SAYS_READY = True  # ... or one that hangs before it tells systemd READY=1
+PETS_WATCHDOG = True  # ... or one that never pets systemd's watchdog
 
 import argparse  # noqa: E402 - VERSION stays the first statement, where the build stamps it
 import http.server  # noqa: E402
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
 
     watchdog = watchdog_interval_s()  # under WatchdogSec=: half the timeout
     while not stop.wait(watchdog if watchdog else 3600):
-        su.notify_watchdog()
+        if PETS_WATCHDOG:
+            su.notify_watchdog()
     log.info("falcon-agent %s stopping", VERSION)
     if updater is not None:
         updater.stop()

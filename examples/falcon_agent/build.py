@@ -65,12 +65,14 @@ def build(
     crash_at_start: bool = False,
     unhealthy: bool = False,
     hang_before_ready: bool = False,
+    stops_watchdog: bool = False,
 ) -> Built:
     """Stamp ``version`` into the agent and its ``#!`` line; merge ``config`` into cfg.json.
 
     ``crash_at_start`` builds a broken release that exits with status 3 before doing anything;
     ``unhealthy`` one that runs but never passes its health check, ``hang_before_ready`` one
-    that never tells systemd ``READY=1`` (for demos and tests of automatic rollback and of
+    that never tells systemd ``READY=1``, ``stops_watchdog`` one that never pets its watchdog
+    (for demos and tests of automatic rollback and of
     halting).
     """
     source = (HERE / "agent.py").read_text()
@@ -82,6 +84,8 @@ def build(
         source = source.replace("HEALTHY = True", "HEALTHY = False", 1)
     if hang_before_ready:
         source = source.replace("SAYS_READY = True", "SAYS_READY = False", 1)
+    if stops_watchdog:
+        source = source.replace("PETS_WATCHDOG = True", "PETS_WATCHDOG = False", 1)
     if crash_at_start:
         source = source.replace(
             f'VERSION = "{version}"\n', f'VERSION = "{version}"\nraise SystemExit(3)\n', 1

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Literal
 
 import sdnotify
@@ -34,21 +35,34 @@ def _notifier() -> sdnotify.SystemdNotifier:
     return sdnotify.SystemdNotifier()
 
 
-_told_ready = threading.Event()
+_ready_at: list[float] = []  # when this process said READY=1 (monotonic)
+_pets: list[float] = []  # when it last petted the watchdog
 
 
 def notify_ready(status: str | None = None) -> None:
     """Tell systemd the daemon has started (``READY=1``); a no-op outside systemd."""
     _notifier().notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
-    _told_ready.set()
+    _ready_at[:] = [time.monotonic()]
 
 
 def ready_or_unsupervised() -> bool:
-    """Whether this process may count as started: it told systemd ``READY=1``
-    (:func:`notify_ready`), or it runs without a notify socket (nothing to tell). Under
-    ``Type=notify`` a version that never says READY is killed by the start timeout however
-    healthy it looks otherwise, so the updater does not confirm it before."""
-    return _told_ready.is_set() or not os.environ.get("NOTIFY_SOCKET")
+    """Whether this process may count as started: it runs without a notify socket (nothing
+    to tell), or it told systemd ``READY=1`` (:func:`notify_ready`) and, under
+    ``WatchdogSec=``, has since petted the watchdog for a whole watchdog period.
+
+    Under ``Type=notify`` a version that never says READY, or never pets the watchdog, is
+    killed by systemd however healthy it looks otherwise; confirmed, it would be killed at
+    every start for good. So the updater does not confirm it before: it stays on trial, and
+    the guard rolls it back."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return True
+    if not _ready_at:
+        return False
+    half = watchdog_interval_s()
+    if half is None:
+        return True
+    now = time.monotonic()
+    return now - _ready_at[0] >= 2 * half and bool(_pets) and now - _pets[0] < 2 * half
 
 
 def notify_status(status: str) -> None:
@@ -59,6 +73,7 @@ def notify_status(status: str) -> None:
 def notify_watchdog() -> None:
     """Pet systemd's watchdog (``WATCHDOG=1``); a no-op outside systemd."""
     _notifier().notify("WATCHDOG=1")
+    _pets[:] = [time.monotonic()]
 
 
 def watchdog_interval_s() -> float | None:
