@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from selfupgrade import Role
@@ -165,3 +166,145 @@ def test_the_embedding_snippet_is_a_daemon_that_upgrades_itself(
             time.sleep(0.2)
     print(f"the README's daemon: 1.0 -> 1.1 through hbs, {svc.starts} starts")
     assert program.read_bytes() == new
+
+
+# ---- every block that claims to run is run ------------------------------------------------
+
+RUNNABLE = ("sh", "bash", "python")
+SKETCH = "<!-- sketch:"
+PAGES = [README, *sorted(DOCS.glob("*.md")), *sorted((DOCS / "roles").glob("*.md"))]
+
+RUN_BY = {
+    ("README.md", 0): "test_the_quickstart_installs_nox_with_debians_externally_managed_python"
+    " (its install), .ci/run (its test command), test_teardown (the demo it starts)",
+    ("README.md", 1): "test_teardown.test_each_demo_scenario_stops_every_process_it_started",
+    ("README.md", 2): "test_the_quickstart_installs_nox_with_debians_externally_managed_python",
+    ("README.md", 3): "test_the_hand_run_section_upgrades_an_agent_to_6_0_1",
+    ("README.md", 4): "test_the_embedding_snippet_is_a_daemon_that_upgrades_itself",
+    ("docs/testing.md", 0): "test_the_users_test_in_testing_md_passes",
+    ("docs/testing.md", 1): "test_the_users_test_in_testing_md_passes",
+    ("docs/testing.md", 2): "test_the_examples_without_pytest_in_testing_md_run",
+    ("docs/testing.md", 3): "test_the_examples_without_pytest_in_testing_md_run",
+    ("docs/security.md", 0): "test_the_signing_commands_in_security_md_run",
+    ("docs/rollouts.md", 0): "test_the_rollout_commands_in_rollouts_md_run",
+    ("docs/rollouts.md", 1): "test_the_rollout_commands_in_rollouts_md_run",
+}
+
+
+def blocks(page: Path) -> list[tuple[str, str, bool]]:
+    """``(language, text, marked as a sketch)`` of each fenced block of ``page``."""
+    found = []
+    for match in re.finditer(
+        r"(?:(<!-- sketch:[^>]*-->)\n)?```(\w*)\n(.*?)```", page.read_text(), re.S
+    ):
+        found.append((match.group(2), match.group(3), match.group(1) is not None))
+    return found
+
+
+def test_every_block_that_claims_to_run_is_run_by_a_test() -> None:
+    """Issue 13, point 2: a block in README.md or docs/ in a language that runs is either run
+    by the test named in RUN_BY, or says it is a sketch (``<!-- sketch: why -->`` above it)."""
+    unaccounted, counted = [], {"run": 0, "sketch": 0}
+    for page in PAGES:
+        name = str(page.relative_to(DOCS.parent))
+        runnable = [b for b in blocks(page) if b[0] in RUNNABLE]
+        for index, (_, text, sketch) in enumerate(runnable):
+            if (name, index) in RUN_BY:
+                assert not sketch, f"{name} block {index} is run by a test: drop its sketch mark"
+                counted["run"] += 1
+            elif sketch:
+                counted["sketch"] += 1
+            else:
+                unaccounted.append(f"{name} block {index}: {text.strip().splitlines()[0]}")
+    print(f"code blocks: {counted['run']} run by tests, {counted['sketch']} marked as sketches")
+    assert unaccounted == [], "blocks neither run nor marked as sketches:\n" + "\n".join(
+        unaccounted
+    )
+    names = {n.split(" (", 1)[0].split(".")[-1] for n in RUN_BY.values()}
+    here = (Path(__file__).parent / "test_docs.py").read_text()
+    teardown = (Path(__file__).parent / "test_teardown.py").read_text()
+    assert all(f"def {n}(" in here + teardown or n.startswith(".ci") for n in names), names
+
+
+def test_the_signing_commands_in_security_md_run(tmp_path: Path) -> None:
+    commands = next(b for b in blocks(DOCS / "security.md") if b[0] in RUNNABLE)[1]
+    from examples.falcon_agent.build import build
+
+    build("6.0.1").write(tmp_path / "files")
+    for stale in (tmp_path / "files").glob("*.md5"):
+        stale.unlink()
+    bin_dir = Path(sys.executable).parent
+    script = commands.replace("selfupgrade ", f"{bin_dir}/selfupgrade ")
+    done = subprocess.run(
+        ["bash", "-e", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok: falcon-agent 6.0.1 for linux-x86_64, 2 artifact(s)" in done.stdout
+    assert oct((tmp_path / "keys" / "release-2026a.key").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.real
+def test_the_rollout_commands_in_rollouts_md_run(tmp_path: Path) -> None:
+    """The plan and both ways to start it, then pause, resume and abort, against a real hbs
+    (its port and the artifacts' URLs filled in; a host of dc=bj heard from first)."""
+    from examples.falcon_agent.build import build
+    from examples.fleet import Hbs, serve_release
+    from selfupgrade.testing import ArtifactServer
+
+    start, controls = [b[1] for b in blocks(DOCS / "rollouts.md") if b[0] in RUNNABLE][:2]
+    new = build("6.0.1")
+    bin_dir = Path(sys.executable).parent
+    with (
+        ArtifactServer() as files,
+        Hbs(f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log") as hbs,
+    ):
+        wgeturl = serve_release(files, new)  # .../file/open-falcon
+        beat = {"host": "bj-1", "version": "6.0.0", "labels": {"dc": "bj"}}
+        assert httpx.post(f"{hbs.url}/selfupgrade/v1/heartbeat", json=beat).status_code == 200
+        sha = hashlib.sha256(new.program).hexdigest()
+        script = (
+            start.replace("https://files.example/open-falcon", wgeturl)
+            .replace("<hex>", sha)
+            .replace("<md5>", new.bin_md5)
+            .replace("http://127.0.0.1:6031", hbs.url)
+            .replace("selfupgrade rollout start", f"selfupgrade rollout --server {hbs.url} start")
+            .replace("selfupgrade rollout", f"{bin_dir}/selfupgrade rollout")
+        )
+        done = subprocess.run(
+            ["bash", "-e", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        rollout_id = hbs.status()["task"]["id"]
+        steps = []
+        for line in controls.strip().splitlines():
+            command = line.split("#", 1)[0].strip()
+            if " rollback " in f" {command} ":
+                continue  # needs a rollout with upgraded hosts; test_e2e_rollouts rolls back
+            command = re.sub(r"\[.*?\]", "", command).replace("ID", rollout_id).strip()
+            argv = command.split()
+            argv[:2] = [f"{bin_dir}/selfupgrade", "rollout", "--server", hbs.url]
+            ran = subprocess.run(argv, capture_output=True, text=True, check=False)
+            steps.append((argv[4], ran.returncode, hbs.rollout(rollout_id)["status"]))
+    print(f"rollouts.md: started twice ({done.stdout.count('rollout')} lines), then {steps}")
+    assert [s[0] for s in steps] == ["pause", "resume", "abort"]
+    assert [s[2] for s in steps] == ["paused", "active", "aborted"], steps
+
+
+@pytest.mark.real
+def test_the_examples_without_pytest_in_testing_md_run(tmp_path: Path) -> None:
+    """A fleet of five through a rollout without pytest, and the 100,000-host simulation."""
+    fleet, simulation = [b[1] for b in blocks(DOCS / "testing.md") if b[0] == "python"][1:3]
+    fleet = fleet.replace('"/tmp/hbs"', repr(str(tmp_path / "hbs")))
+    fleet = fleet.replace('"/tmp/fleet"', repr(str(tmp_path / "fleet")))
+    for code in (fleet, simulation):
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        print(done.stdout[-600:])
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -72,6 +72,16 @@ def test_each_demo_scenario_stops_every_process_it_started(scenario: list[str]) 
     assert port_free(port)
 
 
+def test_the_demo_on_redis_stops_every_process_it_started(redis_url: str) -> None:
+    """The README's ``--redis`` variant: two hbs replicas sharing a real redis-server."""
+    port = free_port()
+    argv = [sys.executable, "-m", "examples.demo", "--agents", "6", "--queue", "2"]
+    code, out, left = run_marked([*argv, "--port", str(port), "--redis", redis_url], 300)
+    print(f"demo --redis: exit {code}, processes left: [{left}]")
+    assert code == 0, out[-3000:]
+    assert left == "" and port_free(port) and port_free(port + 1)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_demo_stops_every_process_it_started(sig: signal.Signals) -> None:
     port = free_port()
