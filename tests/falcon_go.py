@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,3 +155,44 @@ class GoFleet:
 
     def __exit__(self, *exc: object) -> None:
         self.sup.stop()
+
+
+class SystemdGoFleet(GoFleet):
+    """The same agents, each a unit of a real systemd (``falcon-agent@<name>.service``, the
+    seed's ``Restart=always``), instead of supervisord programs."""
+
+    def __init__(self, workdir: Path, n: int, binary: Path, rpc_port: int, systemd: Any) -> None:
+        super().__init__(workdir, n, binary, rpc_port)
+        self.systemd = systemd
+
+    @staticmethod
+    def unit(name: str) -> str:
+        return f"falcon-agent-{name}.service"
+
+    def __enter__(self) -> SystemdGoFleet:
+        for name in self.names:
+            home = self.home(name)
+            self.systemd.install_unit(
+                self.unit(name),
+                "[Unit]\nDescription=open-falcon agent (as the seed runs it)\n"
+                "[Service]\n"
+                f"WorkingDirectory={home}\n"
+                f"ExecStart={home}/falcon-agent -c {home}/cfg.json\n"
+                f"Environment=FALCON_ENDPOINT={name}\n"
+                "Restart=always\nRestartSec=1\n",
+            )
+            started = self.systemd.systemctl("start", self.unit(name))
+            assert started.returncode == 0, started.stderr
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.names:
+            self.systemd.systemctl("stop", self.unit(name))
+
+    def output(self, name: str) -> str:
+        """What the agent printed, every start together (its journal)."""
+        return str(self.systemd.journal(self.unit(name)))
+
+    def starts(self, name: str) -> int:
+        """How many times systemd started the agent."""
+        return 1 + int(self.systemd.state(self.unit(name))["NRestarts"])

@@ -13,18 +13,29 @@ import socket
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from selfupgrade.testing import ArtifactServer, Fault
 
-from .falcon_go import GoFleet, build_agents
+from .falcon_go import GoFleet, SystemdGoFleet, build_agents
 from .fleet import Hbs, Sampler, wait_until
 
 pytestmark = pytest.mark.real
 
 OLD, NEW = "6.1.0", "6.1.1"
+
+
+@pytest.fixture(params=["supervisord", "systemd"])
+def go_fleet(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Makes the fleet under supervisord (``autorestart=true``), or under a real systemd with
+    the seed's ``Restart=always`` (issue 14)."""
+    if request.param == "supervisord":
+        return GoFleet
+    systemd = request.getfixturevalue("systemd")
+    return lambda *args: SystemdGoFleet(*args, systemd)
 
 
 def live_leases(db: Path, task_id: str | None = None):  # type: ignore[no-untyped-def]
@@ -55,7 +66,7 @@ def serve_new(
 
 
 def test_real_agents_upgrade_never_more_than_the_queue_at_once(
-    tmp_path: Path, artifact_server: ArtifactServer
+    tmp_path: Path, artifact_server: ArtifactServer, go_fleet: Any
 ) -> None:
     binaries = build_agents(OLD, NEW)
     new = binaries[NEW].read_bytes()
@@ -63,7 +74,7 @@ def test_real_agents_upgrade_never_more_than_the_queue_at_once(
     db = tmp_path / "hbs.db"
     with Hbs(f"sqlite:{db}", tmp_path / "hbs.log", rpc=True, queue=2, lease_s=60) as hbs:
         assert hbs.rpc_port is not None
-        with GoFleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
+        with go_fleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
             wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)
             reply = hbs.publish(body)
             assert reply.status_code == 200, reply.text
@@ -103,7 +114,7 @@ def on_old(hbs: Hbs, n: int = 5) -> bool:
 
 
 def test_a_wrong_md5_is_a_failed_attempt_ordered_once_then_the_rollout_halts(
-    tmp_path: Path, artifact_server: ArtifactServer
+    tmp_path: Path, artifact_server: ArtifactServer, go_fleet: Any
 ) -> None:
     """(b) Each agent restores its backup and reports 6.1.0 again from the same process: hbs
     sees a failed attempt, orders it again only after the back-off, gives up after
@@ -123,7 +134,7 @@ def test_a_wrong_md5_is_a_failed_attempt_ordered_once_then_the_rollout_halts(
         **limits,
     ) as hbs:
         assert hbs.rpc_port is not None
-        with GoFleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
+        with go_fleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
             wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)
             reply = hbs.publish({**body, "binfile_md5": "0" * 32})
             assert reply.status_code == 200, reply.text
@@ -164,7 +175,7 @@ def test_a_wrong_md5_is_a_failed_attempt_ordered_once_then_the_rollout_halts(
 
 
 def test_config_only_and_both_files_tasks_complete_with_one_restart_each(
-    tmp_path: Path, artifact_server: ArtifactServer
+    tmp_path: Path, artifact_server: ArtifactServer, go_fleet: Any
 ) -> None:
     """(c) ``type`` 1 (config) and ``type`` 2 (both): the unmodified agent reports no config
     digest; a new process after the order completes it. One restart per agent per task."""
@@ -172,7 +183,7 @@ def test_config_only_and_both_files_tasks_complete_with_one_restart_each(
     db = tmp_path / "hbs.db"
     with Hbs(f"sqlite:{db}", tmp_path / "hbs.log", rpc=True, queue=2, lease_s=60) as hbs:
         assert hbs.rpc_port is not None
-        with GoFleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
+        with go_fleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
             wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)
             wgeturl = artifact_server.url("open-falcon")
             figures = []
