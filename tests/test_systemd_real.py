@@ -155,7 +155,8 @@ def test_the_example_agent_upgrades_under_real_systemd(systemd: Any, place: Path
     print(f"under real systemd: {OLD} -> {NEW} confirmed; states seen {sorted(seen)}; {after}")
     assert after["ActiveState"] == "active" and after["StatusText"] == f"falcon-agent {NEW}"
     assert int(after["NRestarts"]) >= 1  # Restart=always brought the new version up
-    assert "deactivating/stop-sigterm" in seen  # STOPPING=1 from the old version
+    # STOPPING=1 puts the unit in deactivating/stop-sigterm only while the old version shuts
+    # down (milliseconds): polling sees it in some runs, so it is reported, not required
     assert after["MainPID"] != before["MainPID"]
     assert "sending SIGTERM to self so systemd restarts the new version" in journal
     assert (place / "opt" / "falcon-agent").read_bytes() == new.program
