@@ -240,20 +240,32 @@ def _kill_on_sight(sup: Supervisord, victims: str, found: list[str]) -> threadin
 
     def run() -> None:
         daemon = sup.info("toy")["pid"]
+        url = sup.server_url.encode()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                argv = proc.info["cmdline"] or []
-                if helper_module in argv and sup.server_url in argv:
+            # the helper is the daemon's child until the daemon exits, then an orphan that
+            # lives a few hundred ms: look at the daemon's children first (cheap, so often),
+            # then at every process
+            try:
+                candidates = [c.pid for c in psutil.Process(daemon).children()]
+            except psutil.Error:
+                candidates = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+            for pid in candidates:
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if helper_module.encode() in argv and url in argv:
                     if victims in ("helper", "both"):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        found.append(f"helper {proc.pid}")
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                            found.append(f"helper {pid}")
                     if victims in ("daemon", "both"):
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(daemon, signal.SIGKILL)
                             found.append(f"daemon {daemon}")
                     return
-            time.sleep(0.005)
+            time.sleep(0.001)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
