@@ -233,6 +233,26 @@ def test_upgrade_under_real_supervisord(
     assert not psutil.pid_exists(info["pid"])  # stopping supervisord stopped the daemon too
 
 
+def _toy_under_supervisord(
+    host: Host,
+    artifact_server: ArtifactServer,
+    control_server: ControlServer,
+    tmp_path: Path,
+    autorestart: bool | str,
+) -> Supervisord:
+    """1.1 published on the artifact server; toy 1.0 as supervisord program ``toy`` with
+    the rpc-mode SupervisorRestarter (not started)."""
+    publish(artifact_server, NEW)
+    sup = Supervisord(tmp_path / "supervisor")
+    sup.add_program(
+        "toy",
+        host.command(),
+        env=host.env(control_server, "supervisor", TOY_PROGRAM="toy"),
+        autorestart=autorestart,
+    )
+    return sup
+
+
 def _kill_on_sight(sup: Supervisord, victims: str, found: list[str]) -> threading.Thread:
     """Watch for the restart helper of ``sup``'s program; the moment it appears, SIGKILL
     the helper, the daemon or both (by PID), and note what was killed in ``found``."""
@@ -286,14 +306,7 @@ def test_no_kill_during_a_supervisord_restart_leaves_the_daemon_stopped(
     between, supervisord kept it stopped (2 of 9 random kills). Now the daemon exits as a
     crash would and supervisord's own autorestart starts it: kills at the helper's first
     moment leave nothing stopped."""
-    publish(artifact_server, NEW)
-    sup = Supervisord(tmp_path / "supervisor")
-    sup.add_program(
-        "toy",
-        host.command(),
-        env=host.env(control_server, "supervisor", TOY_PROGRAM="toy"),
-        autorestart=autorestart,
-    )
+    sup = _toy_under_supervisord(host, artifact_server, control_server, tmp_path, autorestart)
     with sup:
         control_server.wait_for_version("toy-1", "1.0", timeout_s=30)
         first = sup.info("toy")["pid"]
@@ -312,14 +325,7 @@ def test_no_kill_during_a_supervisord_restart_leaves_the_daemon_stopped(
 def test_with_autorestart_false_the_helper_starts_the_program(
     host: Host, artifact_server: ArtifactServer, control_server: ControlServer, tmp_path: Path
 ) -> None:
-    publish(artifact_server, NEW)
-    sup = Supervisord(tmp_path / "supervisor")
-    sup.add_program(
-        "toy",
-        host.command(),
-        env=host.env(control_server, "supervisor", TOY_PROGRAM="toy"),
-        autorestart=False,
-    )
+    sup = _toy_under_supervisord(host, artifact_server, control_server, tmp_path, False)
     with sup:
         control_server.wait_for_version("toy-1", "1.0", timeout_s=30)
         control_server.publish(NEW.order(artifact_server.base_url, algorithm="md5"))

@@ -250,19 +250,25 @@ def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _caller(request: Request | Scope, trusted_proxies: frozenset[str]) -> str | None:
-    """The address of whoever made the request (a Starlette request or an ASGI scope);
-    ``None`` when it cannot be told.
+def _peer(scope: Scope) -> str:
+    """The TCP peer's address (``""`` when the server does not tell)."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def _caller(scope: Scope, trusted_proxies: frozenset[str]) -> str | None:
+    """The address of whoever made the request; ``None`` when it cannot be told.
 
     A direct caller (not in ``trusted_proxies``) is its TCP peer, and a forwarding header
     makes it unknown (a proxy that forwards does not make a remote caller local). Through a
     trusted proxy, the caller is the address the proxy added last (``X-Forwarded-For``, or
-    ``X-Real-IP``); without either it is unknown.
+    ``X-Real-IP``); without either it is unknown. Read from the ASGI scope itself: heartbeats
+    ask too, and build no request object.
     """
-    if not isinstance(request, Request):
-        request = Request(request)
-    peer = request.client.host if request.client else ""
-    headers = request.headers
+    peer = _peer(scope)
+    headers: dict[str, str] = {
+        k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+    }
     if peer not in trusted_proxies:
         return None if any(h in headers for h in _PROXY_HEADERS) else peer
     forwarded = headers.get("x-forwarded-for", "")
@@ -358,7 +364,7 @@ def create_app(
             log.warning("refused %s %s: %s", request.method, request.url.path, refusal[1])
             raise _HttpError(*refusal)
         if cfg.loopback_admin_only:
-            caller = _caller(request, trusted_proxies)
+            caller = _caller(request.scope, trusted_proxies)
             if caller is None or not _is_loopback(caller):
                 raise _HttpError(403, "admin routes answer only local callers")
         if scopes:
@@ -389,9 +395,7 @@ def create_app(
         if not cfg.tokens_identify_hosts:
             # Behind a proxy that is not trusted, the source is the proxy: every host is then
             # one address to the new-name limit (security.md tells to list the proxy).
-            client = scope.get("client")
-            peer = str(client[0]) if client else ""
-            beat = replace(beat, source=_caller(scope, trusted_proxies) or peer)
+            beat = replace(beat, source=_caller(scope, trusted_proxies) or _peer(scope))
         reply = await beats.answer(beat)
         if reply.refused:
             raise _HttpError(403, reply.refused)

@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ._base import Managed
@@ -299,7 +299,11 @@ class Systemd(Managed):
         )
 
     def wait_for(
-        self, unit: str, predicate: object, timeout_s: float = 60, what: str = ""
+        self,
+        unit: str,
+        predicate: Callable[[dict[str, str]], bool],
+        timeout_s: float = 60,
+        what: str = "",
     ) -> dict[str, str]:
         """Poll :meth:`state` until ``predicate(state)``; return it.
 
@@ -309,7 +313,7 @@ class Systemd(Managed):
         deadline = time.monotonic() + timeout_s
         while True:
             state = self.state(unit)
-            if callable(predicate) and predicate(state):
+            if predicate(state):
                 return state
             if time.monotonic() > deadline:
                 raise TimeoutError(
