@@ -1,20 +1,22 @@
 """The detached helper :class:`~selfupgrade.restart.SupervisorRestarter` leaves behind.
 
 Run as ``python -m selfupgrade.restart._supervisor_helper URL PROGRAM OLD_PID GRACE_S
-TIMEOUT_S``. The daemon (``OLD_PID``) exits unexpectedly right after starting it, and
-supervisord's ``autorestart`` normally starts the program again on its own: then the helper sees
-a new PID and exits having done nothing, and killing it changes nothing. Only when supervisord
-leaves the program ``EXITED`` (``autorestart=false``) or ``FATAL`` does it call
-``startProcess``; a program an operator ``STOPPED`` meanwhile stays stopped.
+TIMEOUT_S``. It writes ``watching`` on its stdout once it runs; the daemon (``OLD_PID``) waits
+for that line, then exits unexpectedly, and supervisord's ``autorestart`` normally starts the
+program again on its own: then the helper sees a new PID and exits having done nothing, and
+killing it changes nothing. Only when supervisord leaves the program ``EXITED``
+(``autorestart=false``) or ``FATAL`` does it call ``startProcess``; a program an operator
+``STOPPED`` meanwhile stays stopped.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import xmlrpc.client
 
-from .supervisor import supervisor_proxy
+from .supervisor import HELPER_WATCHING, supervisor_proxy
 
 SETTLE_S = 3.0
 """How long a program may stay ``EXITED`` before the helper starts it (supervisord's own
@@ -61,7 +63,18 @@ def start_if_left_down(
     return 1
 
 
+def _say_watching() -> None:
+    """Tell the daemon (which waits for it before it exits) that this helper runs, then let go
+    of the pipe so the daemon's exit cannot break a later write."""
+    sys.stdout.write(HELPER_WATCHING + "\n")
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
 if __name__ == "__main__":
+    _say_watching()
     raise SystemExit(
         start_if_left_down(
             sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -146,7 +147,7 @@ class SupervisorRestarter:
                 f"process ({os.getpid()}); check the program name"
             )
         code = unexpected_exit_code(_exitcodes(proxy, self.program))
-        subprocess.Popen(
+        helper = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -159,8 +160,10 @@ class SupervisorRestarter:
             ],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             close_fds=True,
         )
+        _wait_until_watching(helper, self._timeout_s)
         log.info(
             "exiting with %d, not one of %s's exitcodes: supervisord's autorestart starts the "
             "new version",
@@ -168,6 +171,28 @@ class SupervisorRestarter:
             self.program,
         )
         self._sys.exit_now(code)
+
+
+HELPER_WATCHING = "watching"
+"""The line the restart helper writes on its stdout once it runs."""
+
+
+def _wait_until_watching(helper: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Wait (at most ``timeout_s``) for the helper's line on its stdout that it runs and
+    watches, so that the daemon exits only once the helper is up; a helper that fails to start
+    is logged, and the exit goes ahead (``autorestart`` may still start the program)."""
+    assert helper.stdout is not None
+    ready, _, _ = select.select([helper.stdout], [], [], timeout_s)
+    line = helper.stdout.readline() if ready else b""
+    helper.stdout.close()
+    if line.strip() != HELPER_WATCHING.encode():
+        log.warning(
+            "the restart helper (pid %d) did not report that it watches the program within "
+            "%g s (exit status %s); exiting anyway",
+            helper.pid,
+            timeout_s,
+            helper.poll(),
+        )
 
 
 def unexpected_exit_code(exitcodes: Collection[int]) -> int:
