@@ -65,37 +65,86 @@ def readme_blocks(heading: str, lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", section, re.S)
 
 
-def test_the_quickstart_installs_nox_with_debians_externally_managed_python(
-    tmp_path: Path,
+UBUNTU_PIP = "24.0"
+"""The pip of Ubuntu 24.04's python3-pip (its Python is 3.12)."""
+
+
+def _debians_python3(tmp_path: Path) -> Path:
+    """Debian 12's own python3 (3.11, pip 23.0.1, externally managed), as installed."""
+    if not list(Path("/usr/lib").glob("python3.*/EXTERNALLY-MANAGED")):
+        pytest.skip("needs a Debian system python3 (externally managed) in /usr/bin")
+    return Path("/usr/bin")
+
+
+def _an_ubuntu_like_python3(tmp_path: Path) -> Path:
+    """Ubuntu 24.04's combination, which this machine can only approximate: a copy of a
+    Python 3.12 with pip 24.0, marked externally managed, and no ``python`` alias."""
+    source = Path.home() / ".pyenv/versions/3.12.1"
+    if not (source / "bin/python3.12").exists():
+        pytest.skip("needs a Python 3.12 to copy (pyenv install 3.12.1)")
+    root = tmp_path / "ubuntu"
+    stdlib = root / "lib/python3.12"
+    shutil.copytree(
+        source / "lib/python3.12",
+        stdlib,
+        symlinks=True,
+        ignore=lambda d, names: [n for n in names if n in ("test", "site-packages", "idlelib")],
+    )
+    (stdlib / "site-packages").mkdir()
+    (root / "bin").mkdir()
+    shutil.copy2(source / "bin/python3.12", root / "bin/python3.12")
+    (root / "bin/python3").symlink_to("python3.12")
+    python = str(root / "bin/python3")
+    for step in (["-m", "ensurepip"], ["-m", "pip", "install", "-q", f"pip=={UBUNTU_PIP}"]):
+        done = subprocess.run([python, *step], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("pip", "pip3", "pip3.12"):
+        (root / "bin" / name).unlink(missing_ok=True)
+    (stdlib / "EXTERNALLY-MANAGED").write_text(
+        "[externally-managed]\nError=use a virtual environment (as Ubuntu says)\n"
+    )
+    return root / "bin"
+
+
+@pytest.mark.parametrize(
+    "system", [_debians_python3, _an_ubuntu_like_python3], ids=["debian12", "ubuntu24.04-like"]
+)
+def test_the_quickstart_installs_nox_with_an_externally_managed_python(
+    tmp_path: Path, system: Any
 ) -> None:
-    """The quickstart's first part, with Debian's own python3 (externally managed, pip 23):
-    the venv and nox install, as written; the demo and tests themselves are run by CI and by
-    test_teardown."""
-    debian = Path("/usr/bin/python3")
-    managed = list(Path("/usr/lib").glob("python3.*/EXTERNALLY-MANAGED"))
-    if not debian.exists() or not managed:
-        pytest.skip("needs a Debian or Ubuntu system python3 (externally managed) in /usr/bin")
+    """The quickstart's first part with an externally managed python3 and no ``python`` on the
+    PATH: the venv and nox install, as written; the demo and tests themselves are run by CI and
+    by test_teardown."""
+    bin_dir: Path = system(tmp_path)
     lines = [x for x in readme_blocks("## Quickstart", "sh")[0].splitlines() if x.strip()]
     assert len(lines) == 2 and lines[1].startswith(lines[0].split(" && .venv/bin/nox")[0])
     install = lines[0].split(" && .venv/bin/nox")[0]
-    env = {**os.environ, "PATH": "/usr/bin:/bin"}
-    assert (
-        subprocess.run(
-            ["/usr/bin/python3", "-m", "pip", "install", "--dry-run", "nox"],
-            env=env,
-            capture_output=True,
-            check=False,
-        ).returncode
-        != 0
-    ), "this python3 is not externally managed: the test would show nothing"
+    env = {**os.environ, "PATH": f"{bin_dir}:/bin"}
+    env.pop("VIRTUAL_ENV", None)
+    assert shutil.which("python", path=env["PATH"]) is None, "a python alias: nothing shown"
+    refused = subprocess.run(
+        ["python3", "-m", "pip", "install", "--dry-run", "nox"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode != 0 and "externally-managed" in refused.stderr, (
+        "this python3 is not externally managed: the test would show nothing"
+    )
+    pip = subprocess.run(
+        ["python3", "-m", "pip", "--version"], env=env, capture_output=True, text=True, check=False
+    ).stdout.split(" from ")[0]
+    work = tmp_path / "checkout"
+    work.mkdir()
     done = subprocess.run(
-        ["bash", "-c", install], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+        ["bash", "-c", install], cwd=work, env=env, capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
     version = subprocess.run(
-        [str(tmp_path / ".venv/bin/nox"), "--version"], capture_output=True, text=True, check=False
+        [str(work / ".venv/bin/nox"), "--version"], capture_output=True, text=True, check=False
     )
-    print(f"{install}\n-> nox {version.stdout.strip() or version.stderr.strip()}")
+    print(f"{bin_dir}/python3 ({pip}): {install}\n-> nox {version.stdout or version.stderr}")
     assert version.returncode == 0
 
 
@@ -168,6 +217,52 @@ def test_the_embedding_snippet_is_a_daemon_that_upgrades_itself(
     assert program.read_bytes() == new
 
 
+@pytest.mark.real
+def test_the_operators_guide_publishes_watches_and_cancels(tmp_path: Path) -> None:
+    """The guide's Publish, Watch and Cancel blocks as written, against hbs from the package
+    (its port, the artifact URL and the md5 of the served build filled in)."""
+    from examples.falcon_agent.build import build
+    from examples.fleet import Hbs, serve_release
+    from selfupgrade.testing import ArtifactServer
+
+    if shutil.which("curl") is None:
+        pytest.skip("needs curl (apt-get install curl)")
+    guide = [b for b in blocks(DOCS / "operators-guide.md") if b[0] in RUNNABLE]
+    publish, watch, cancel = guide[1][1], guide[2][1], guide[3][1]
+    new = build("6.0.1")
+    with (
+        ArtifactServer() as files,
+        Hbs(f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log") as hbs,
+    ):
+        wgeturl = serve_release(files, new)
+        beat = {"host": "h-1", "version": "6.0.0"}
+        assert httpx.post(f"{hbs.url}/selfupgrade/v1/heartbeat", json=beat).status_code == 200
+        out = {}
+        for name, block in (("publish", publish), ("watch", watch), ("cancel", cancel)):
+            script = (
+                block.replace("http://files.example/file/open-falcon", wgeturl)
+                .replace(re.search(r'"binfile_md5":"(\w+)"', publish).group(1), new.bin_md5)  # type: ignore[union-attr]
+                .replace("http://127.0.0.1:6031", hbs.url)
+            )
+            done = subprocess.run(
+                ["bash", "-e", "-o", "pipefail", "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, f"{name}: {done.stdout}{done.stderr}"
+            out[name] = done.stdout
+            if name == "publish":
+                status = hbs.status()
+                assert status["task"]["order"]["version"] == "6.0.1", status
+        cancelled = hbs.status()
+    print({k: v[:300] for k, v in out.items()})
+    assert '"task_id"' in out["publish"]
+    assert '"h-1": "6.0.0"' in out["watch"] and '"in_flight"' in out["watch"]
+    assert cancelled["task"] is None or cancelled["task"]["status"] == "CANCELLED", cancelled
+
+
 # ---- every block that claims to run is run ------------------------------------------------
 
 RUNNABLE = ("sh", "bash", "python")
@@ -175,10 +270,10 @@ SKETCH = "<!-- sketch:"
 PAGES = [README, *sorted(DOCS.glob("*.md")), *sorted((DOCS / "roles").glob("*.md"))]
 
 RUN_BY = {
-    ("README.md", 0): "test_the_quickstart_installs_nox_with_debians_externally_managed_python"
+    ("README.md", 0): "test_the_quickstart_installs_nox_with_an_externally_managed_python"
     " (its install), .ci/run (its test command), test_teardown (the demo it starts)",
     ("README.md", 1): "test_teardown.test_each_demo_scenario_stops_every_process_it_started",
-    ("README.md", 2): "test_the_quickstart_installs_nox_with_debians_externally_managed_python",
+    ("README.md", 2): "test_the_quickstart_installs_nox_with_an_externally_managed_python",
     ("README.md", 3): "test_the_hand_run_section_upgrades_an_agent_to_6_0_1",
     ("README.md", 4): "test_the_embedding_snippet_is_a_daemon_that_upgrades_itself",
     ("docs/testing.md", 0): "test_the_users_test_in_testing_md_passes",
@@ -186,6 +281,9 @@ RUN_BY = {
     ("docs/testing.md", 2): "test_the_examples_without_pytest_in_testing_md_run",
     ("docs/testing.md", 3): "test_the_examples_without_pytest_in_testing_md_run",
     ("docs/security.md", 0): "test_the_signing_commands_in_security_md_run",
+    ("docs/operators-guide.md", 1): "test_the_operators_guide_publishes_watches_and_cancels",
+    ("docs/operators-guide.md", 2): "test_the_operators_guide_publishes_watches_and_cancels",
+    ("docs/operators-guide.md", 3): "test_the_operators_guide_publishes_watches_and_cancels",
     ("docs/rollouts.md", 0): "test_the_rollout_commands_in_rollouts_md_run",
     ("docs/rollouts.md", 1): "test_the_rollout_commands_in_rollouts_md_run",
 }
