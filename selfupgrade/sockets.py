@@ -7,6 +7,10 @@ One protocol for every way a socket reaches a new version: systemd's socket acti
 
 * Under systemd with a ``.socket`` unit, systemd passes them, and keeps them open (and queues
   new connections) while the service restarts.
+* Under systemd without a ``.socket`` unit, :func:`listeners` given ``store=True`` puts the
+  sockets it binds in systemd's file-descriptor store (``FDSTORE=1``; the unit needs
+  ``FileDescriptorStoreMax=``), and systemd passes them back, the same way, to the process of
+  the next start.
 * With :class:`~selfupgrade.ExecRestarter` given ``sockets=``, the process passes its own to the
   version it ``exec``\\ s (same PID), through the guard: :func:`hand_over` does that just before.
 
@@ -15,19 +19,36 @@ the ``LISTEN_*`` variables removed, so that its children do not take them too); 
 bound now. While the listening socket stays open, a client that connects during the upgrade
 waits in its backlog instead of being refused.
 
-Not here yet: systemd's file-descriptor store, the overlap hand-off of tableflip, adapters for
-uvicorn or aiohttp (issue 14, points 3-5).
+The old process's side is :class:`DrainingHTTPServer` (for ``http.server`` and
+``socketserver`` daemons): :meth:`~DrainingHTTPServer.drain` stops accepting, answers the next
+request of each keep-alive connection with ``Connection: close``, and waits for the requests in
+flight, so that no request is cut off.
+
+Not here yet: the overlap hand-off of tableflip, adapters for uvicorn or aiohttp (issue 14).
 """
 
 from __future__ import annotations
 
+import array
+import contextlib
 import fcntl
+import http.server
 import logging
 import os
 import socket
+import threading
+import time
 from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["FIRST_FD", "hand_over", "listeners"]
+__all__ = [
+    "FIRST_FD",
+    "DrainAwareHandler",
+    "DrainingHTTPServer",
+    "hand_over",
+    "listeners",
+    "store_in_systemd",
+]
 
 log = logging.getLogger("selfupgrade.sockets")
 
@@ -54,23 +75,33 @@ def _passed() -> dict[str, socket.socket]:
 
 
 def listeners(
-    wanted: Mapping[str, tuple[str, int]], *, backlog: int = 1024
+    wanted: Mapping[str, tuple[str, int]], *, backlog: int = 1024, store: bool = False
 ) -> dict[str, socket.socket]:
     """The listening TCP sockets named in ``wanted`` (``{"http": ("127.0.0.1", 8080)}``): the
     ones passed to this process under those names, and the others bound and listening now.
+
+    Args:
+        wanted: name -> (host, port).
+        backlog: for the sockets bound here.
+        store: put the sockets bound here in systemd's file-descriptor store
+            (:func:`store_in_systemd`), so that the next start of the service gets them.
 
     Raises:
         OSError: a socket that was not passed could not be bound.
     """
     passed = _passed()
     out = {}
+    bound = {}
     for name, address in wanted.items():
         sock = passed.pop(name, None)
         if sock is not None:
             log.info("took the listening socket %r (%s) from the previous process", name, address)
         else:
             sock = socket.create_server(address, backlog=backlog, reuse_port=False)
+            bound[name] = sock
         out[name] = sock
+    if store and bound:
+        store_in_systemd(bound)
     for name, sock in passed.items():
         log.warning("closing passed socket %r: nobody asked for it", name)
         sock.close()
@@ -87,3 +118,126 @@ def hand_over(sockets: Mapping[str, socket.socket]) -> None:
     os.environ["LISTEN_PID"] = str(os.getpid())
     os.environ["LISTEN_FDS"] = str(len(spare))
     os.environ["LISTEN_FDNAMES"] = ":".join(sockets)
+
+
+def store_in_systemd(sockets: Mapping[str, socket.socket]) -> bool:
+    """Send ``sockets`` to systemd's file-descriptor store (``FDSTORE=1`` with ``FDNAME=`` and
+    the descriptors as ``SCM_RIGHTS`` on ``$NOTIFY_SOCKET``; ``sdnotify`` cannot send
+    descriptors). systemd keeps them while the service restarts (``Restart=``) and passes them
+    to the next process as ``LISTEN_FDS``; the unit must allow it with
+    ``FileDescriptorStoreMax=`` (systemd ignores them otherwise, and says so in its journal).
+
+    Returns:
+        False when not run by systemd (no ``NOTIFY_SOCKET``): nothing was sent.
+
+    Raises:
+        OSError: the notification socket refused the message.
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+        for name, sock in sockets.items():
+            message = f"FDSTORE=1\nFDNAME={name}".encode()
+            # socket.send_fds drops its address argument before Python 3.13: sendmsg itself
+            rights = array.array("i", [sock.fileno()])
+            notify.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], 0, address)
+            log.info("stored the listening socket %r with systemd", name)
+    return True
+
+
+class DrainAwareHandler(http.server.BaseHTTPRequestHandler):
+    """A request handler for :class:`DrainingHTTPServer`: HTTP/1.1 with keep-alive; while the
+    server drains, each answer says ``Connection: close`` and ends its connection."""
+
+    protocol_version = "HTTP/1.1"
+    server: DrainingHTTPServer
+
+    def parse_request(self) -> bool:
+        """Mark the connection busy once a request line has come (idle before it)."""
+        self.server._mark(self.connection, busy=True)
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        """One request; the connection counts as idle again once it is answered."""
+        try:
+            super().handle_one_request()
+        finally:
+            self.server._mark(self.connection, busy=False)
+
+    def end_headers(self) -> None:
+        """Add ``Connection: close`` while the server drains."""
+        if self.server.draining.is_set() and not self.close_connection:
+            self.send_header("Connection", "close")
+        super().end_headers()
+
+
+class DrainingHTTPServer(http.server.ThreadingHTTPServer):
+    """A threading HTTP server on a socket it is given (from :func:`listeners`), which can
+    stop without cutting a request off.
+
+    Args:
+        sock: the listening socket; :meth:`drain` leaves it open for the next version.
+        handler: a :class:`DrainAwareHandler` subclass.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, handler: type[DrainAwareHandler]) -> None:
+        super().__init__(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.draining = threading.Event()
+        self._open: dict[socket.socket, bool] = {}
+        self._changed = threading.Condition()
+
+    def _mark(self, connection: socket.socket, *, busy: bool) -> None:
+        with self._changed:
+            if connection in self._open:
+                self._open[connection] = busy
+            self._changed.notify_all()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Count the connection as open (idle) before its thread starts."""
+        with self._changed:
+            self._open[request] = False
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        """Count the connection as closed."""
+        with self._changed:
+            self._open.pop(request, None)
+            self._changed.notify_all()
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Leave the listening socket open: it belongs to the next version (close it yourself
+        when the daemon stops for good)."""
+
+    def drain(self, timeout_s: float = 5.0, idle_grace_s: float = 1.0) -> int:
+        """Stop accepting (new connections wait in the backlog), let each keep-alive
+        connection make one more request (answered with ``Connection: close``) for
+        ``idle_grace_s``, then close the idle ones, and wait up to ``timeout_s`` in all for the
+        requests in flight. Call it from another thread than :meth:`serve_forever`'s.
+
+        Returns:
+            The connections still open at the end (0 when every request was answered).
+        """
+        self.draining.set()
+        self.shutdown()
+        started = time.monotonic()
+        with self._changed:
+            self._changed.wait_for(lambda: not self._open, timeout=min(idle_grace_s, timeout_s))
+            for connection, busy in list(self._open.items()):
+                if not busy:
+                    with contextlib.suppress(OSError):
+                        connection.shutdown(socket.SHUT_RDWR)
+            left = max(0.0, timeout_s - (time.monotonic() - started))
+            self._changed.wait_for(lambda: not self._open, timeout=left)
+            still = len(self._open)
+        if still:
+            log.warning("drained with %d connection(s) still open after %g s", still, timeout_s)
+        return still

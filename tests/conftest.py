@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +89,32 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     s = make_store(request.param, tmp_path, request)
     yield s
     s.close()
+
+
+# ---- real systemd: what a unit with ProtectHome= and PrivateTmp= can reach -------------
+
+
+def host_python() -> str:
+    """An interpreter a ``ProtectHome=true`` unit can run that can import this checkout."""
+    debian = Path("/usr/bin/python3")
+    if debian.exists():
+        same = subprocess.run(
+            [str(debian), "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        if same == str(sys.version_info[:2]):
+            return str(debian)
+    pytest.skip("needs /usr/bin/python3 of this interpreter's version (ProtectHome hides others)")
+
+
+@pytest.fixture
+def place() -> Iterator[Path]:
+    """The test's directories, outside /tmp (the unit's PrivateTmp hides /tmp)."""
+    base = Path(__file__).resolve().parent.parent / ".test-systemd"
+    base.mkdir(exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=base))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -24,13 +24,8 @@ machine's own ``/usr/bin/python3`` when it has this interpreter's version (a pye
 
 from __future__ import annotations
 
-import shutil
 import site
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +34,8 @@ import pytest
 from examples.falcon_agent.build import build
 from examples.fleet import Hbs, serve_release
 from selfupgrade.testing import ArtifactServer
+
+from .conftest import host_python
 
 pytestmark = pytest.mark.real
 
@@ -53,32 +50,6 @@ AGENT_CFG = {
     "max_starts": 2,
     "failure_backoff_s": 300,
 }
-
-
-def host_python() -> str:
-    """An interpreter a ``ProtectHome=true`` unit can run that can import this checkout."""
-    debian = Path("/usr/bin/python3")
-    if debian.exists():
-        same = subprocess.run(
-            [str(debian), "-c", "import sys; print(sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        if same == str(sys.version_info[:2]):
-            return str(debian)
-    pytest.skip("needs /usr/bin/python3 of this interpreter's version (ProtectHome hides others)")
-
-
-@pytest.fixture
-def place() -> Iterator[Path]:
-    """The test's directories, outside /tmp (the unit's PrivateTmp hides /tmp)."""
-    base = ROOT / ".test-systemd"
-    base.mkdir(exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=base))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def install_agent(systemd: Any, place: Path, hbs: Hbs, python: str) -> None:
