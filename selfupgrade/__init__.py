@@ -5,7 +5,8 @@ The agent side is four pluggable roles wired by :class:`Updater`:
 * Transport (:class:`HttpTransport`, :class:`HttpFetcher`): heartbeats and downloads;
 * Verifier (:class:`DigestVerifier`): may these bytes be installed;
 * Installer (:class:`TripleInstaller`): atomic swap, backup generation, crash recovery;
-* Restarter (:class:`SystemdRestarter`, :class:`SupervisorRestarter`, :class:`ExecRestarter`).
+* Restarter (:class:`SystemdRestarter`, :class:`SupervisorRestarter`, :class:`ExecRestarter`,
+  :class:`OverlapRestarter`).
 
 Data shared with the control server lives in :mod:`selfupgrade.models`, errors in
 :mod:`selfupgrade.errors`, fakes for tests in :mod:`selfupgrade.testing`.
@@ -52,6 +53,7 @@ from .models import (
 )
 from .restart import (
     ExecRestarter,
+    OverlapRestarter,
     Restarter,
     SupervisorRestarter,
     SystemdRestarter,
@@ -96,6 +98,7 @@ __all__ = [
     "LockBusy",
     "OperatorNeeded",
     "OrderRejected",
+    "OverlapRestarter",
     "RecoveryFailed",
     "Release",
     "RestartFailed",

@@ -38,15 +38,17 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "FIRST_FD",
+    "LISTEN_PARENT_ENV",
     "DrainAwareHandler",
     "DrainingHTTPServer",
     "hand_over",
     "listeners",
+    "spawn_with",
     "store_in_systemd",
 ]
 
@@ -54,11 +56,23 @@ log = logging.getLogger("selfupgrade.sockets")
 
 FIRST_FD = 3
 """``SD_LISTEN_FDS_START``: the first passed descriptor."""
+_LISTEN_KEYS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "SELFUPGRADE_LISTEN_PARENT")
+
+
+LISTEN_PARENT_ENV = "SELFUPGRADE_LISTEN_PARENT"
+"""Set instead of ``LISTEN_PID`` by :func:`spawn_with` (a child's PID is not known before it
+exists): the sockets are for the child of that PID."""
+
+
+def _for_this_process() -> bool:
+    if os.environ.get("LISTEN_PID") == str(os.getpid()):
+        return True
+    return "LISTEN_PID" not in os.environ and os.environ.get(LISTEN_PARENT_ENV) == str(os.getppid())
 
 
 def _passed() -> dict[str, socket.socket]:
     """The sockets passed to this process, by name (``LISTEN_FDNAMES``; ``fd<N>`` unnamed)."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+    if not _for_this_process():
         return {}
     count = int(os.environ.get("LISTEN_FDS", "0") or 0)
     names = (os.environ.get("LISTEN_FDNAMES") or "").split(":")
@@ -69,7 +83,7 @@ def _passed() -> dict[str, socket.socket]:
         sock = socket.socket(fileno=fd)
         sock.set_inheritable(False)
         passed[name] = sock
-    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+    for key in _LISTEN_KEYS:
         os.environ.pop(key, None)
     return passed
 
@@ -108,16 +122,54 @@ def listeners(
     return out
 
 
+def _high_copies(fds: list[int]) -> list[int]:
+    """Copies of ``fds`` above the range they are about to be put on (so that putting one on
+    3, 4, ... cannot overwrite another before it was moved)."""
+    return [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]
+
+
 def hand_over(sockets: Mapping[str, socket.socket]) -> None:
     """Just before ``exec`` of this very process: put ``sockets`` on descriptors 3, 4, ...,
     inheritable, and set ``LISTEN_*`` for the PID that the exec'd program keeps."""
-    spare = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for s in sockets.values()]
+    spare = _high_copies([s.fileno() for s in sockets.values()])
     for i, fd in enumerate(spare):
         os.dup2(fd, FIRST_FD + i, inheritable=True)
         os.close(fd)
     os.environ["LISTEN_PID"] = str(os.getpid())
     os.environ["LISTEN_FDS"] = str(len(spare))
     os.environ["LISTEN_FDNAMES"] = ":".join(sockets)
+
+
+def spawn_with(
+    argv: list[str],
+    sockets: Mapping[str, socket.socket],
+    *,
+    extra_fds: Sequence[int] = (),
+    env: Mapping[str, str] = {},
+) -> int:
+    """Start ``argv`` (``argv[0]`` a path) as a child with ``sockets`` on descriptors 3, 4,
+    ... as :func:`listeners` takes them, then ``extra_fds`` on the next ones; return its PID.
+    ``env`` is added to this process's environment for it."""
+    spare = _high_copies([*(s.fileno() for s in sockets.values()), *extra_fds])
+    child_env = {k: v for k, v in os.environ.items() if k not in _LISTEN_KEYS}
+    child_env.update(env)
+    child_env.update(
+        {
+            "LISTEN_FDS": str(len(sockets)),
+            "LISTEN_FDNAMES": ":".join(sockets),
+            LISTEN_PARENT_ENV: str(os.getpid()),
+        }
+    )
+    try:
+        return os.posix_spawn(
+            argv[0],
+            argv,
+            child_env,
+            file_actions=[(os.POSIX_SPAWN_DUP2, fd, FIRST_FD + i) for i, fd in enumerate(spare)],
+        )
+    finally:
+        for fd in spare:
+            os.close(fd)
 
 
 def store_in_systemd(sockets: Mapping[str, socket.socket]) -> bool:

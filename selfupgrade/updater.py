@@ -34,6 +34,7 @@ from pathlib import Path
 from ._download import download_artifact
 from .errors import (
     OrderRejected,
+    RestartFailed,
     RetryLater,
     SelfUpgradeError,
     UnsafePath,
@@ -511,7 +512,14 @@ class Updater:
             return False
         self.upgrades += 1
         self._installed = True
-        self._restart(f"installed {order.version}")
+        try:
+            self._restart(f"installed {order.version}")
+        except RestartFailed as exc:
+            # this process, the old version, runs on: its files must be the ones on disk
+            restored = self._installer.rollback(f"the restart into {order.version} failed: {exc}")
+            self._installed = False
+            log.error("the restart into %s failed; %s is back on disk", order.version, restored)
+            raise
         return True
 
     def _room_for(self, target: Path, size: int) -> None:

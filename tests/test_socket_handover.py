@@ -1,9 +1,11 @@
-"""Issue 14, point 3 (first way only): a daemon's listening socket handed over across ``execv``.
+"""The sockets layer alone: a daemon's listening socket handed over across ``execv``.
 
 A small HTTP daemon (real process, real socket on 127.0.0.1) takes its socket with
-``selfupgrade.sockets.listeners``; on SIGUSR1 it drains and execs itself through the guard with
-``ExecRestarter(sockets=...)``. A client opens a new connection for every request, as fast as it
-can, through 10 such execs: no connection may be refused and no request may fail.
+``selfupgrade.sockets.listeners`` and serves with ``DrainingHTTPServer``; on SIGUSR1 it drains
+and execs itself through the guard with ``ExecRestarter(sockets=...)``, without an updater
+(tests/test_zero_downtime.py has the whole upgrades). A client opens a new connection for every
+request, as fast as it can, through 10 such execs: no connection may be refused and no request
+may fail.
 """
 
 from __future__ import annotations
@@ -26,48 +28,32 @@ pytestmark = pytest.mark.real
 
 DAEMON = textwrap.dedent(
     """
-    import http.server, os, signal, sys, threading
+    import os, signal, sys, threading
     from pathlib import Path
     from selfupgrade.restart.execv import ExecRestarter
-    from selfupgrade.sockets import listeners
+    from selfupgrade.sockets import DrainAwareHandler, DrainingHTTPServer, listeners
 
     port, counter, state = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     generation = int(counter.read_text()) if counter.exists() else 0
     sockets = listeners({"http": ("127.0.0.1", port)})
-    busy, idle = [0], threading.Condition()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.0"
-
+    class Handler(DrainAwareHandler):
         def do_GET(self):
-            with idle:
-                busy[0] += 1
-            try:
-                body = f"{generation} {os.getpid()}".encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-            finally:
-                with idle:
-                    busy[0] -= 1
-                    idle.notify_all()
+            body = f"{generation} {os.getpid()}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", port), Handler, bind_and_activate=False
-    )
-    server.socket = sockets["http"]
-
-    def drain():
-        server.shutdown()  # accepts no more; new connections wait in the backlog
-        with idle:
-            idle.wait_for(lambda: busy[0] == 0, timeout=10)
-
+    server = DrainingHTTPServer(sockets["http"], Handler)
     restarter = ExecRestarter(
-        [sys.executable, *sys.argv], guard_state_dir=state, sockets=sockets, before_exec=drain
+        [sys.executable, *sys.argv],
+        guard_state_dir=state,
+        sockets=sockets,
+        before_exec=server.drain,
     )
     upgrade = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *a: upgrade.set())
@@ -92,7 +78,7 @@ def ask(port: int) -> str:
         while chunk := conn.recv(4096):
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
+    if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
         raise RuntimeError(f"answered {head[:40]!r}")
     return body.decode()
 

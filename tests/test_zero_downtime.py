@@ -1,8 +1,12 @@
 """Issue 14, point 4: the example HTTP daemon (``examples/http_daemon``) upgrades 20 times in a
 row under a bounded load (200 requests/s, half on keep-alive connections, half on a new
 connection each) with 0 refused connections and 0 failed requests per upgrade: by ``execv``
-(under no process manager but the guard's own restart harness, and under a real supervisord),
-and under a real systemd with its socket unit and with its file-descriptor store.
+(under the guard's restart harness, and under a real supervisord), by an overlap (on its own,
+and under a real systemd), and under a real systemd with its socket unit and with its
+file-descriptor store. A release that exits before it is ready leaves the old version serving
+(overlap, systemd's socket) with 0 failed requests as well. The same upgrades without a
+hand-off refuse connections and fail requests: the reference, and the proof that the checks
+can fail.
 
 Each upgrade is a real one: an order from a control server on 127.0.0.1, a download from an
 artifact server, the triple installer, the restart, the guard, the confirmation.
@@ -10,7 +14,10 @@ artifact server, the triple installer, the restart, the guard, the confirmation.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import site
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -20,6 +27,7 @@ from typing import Any
 import pytest
 
 from examples.http_daemon import PROGRAM, release
+from selfupgrade import UpgradeState
 from selfupgrade.guard import guard_command
 from selfupgrade.testing import (
     ArtifactServer,
@@ -27,6 +35,9 @@ from selfupgrade.testing import (
     ServiceHarness,
     Supervisord,
     free_port,
+    new_mark,
+    stop_marked,
+    with_mark,
 )
 from selfupgrade.testing.load import HttpLoad, LoadReport
 from selfupgrade.testing.toy import ToyRelease
@@ -137,6 +148,120 @@ def test_twenty_execs_refuse_no_connection_and_fail_no_request(
     check(reports, f"exec under {manager}")
 
 
+@contextlib.contextmanager
+def on_its_own(argv: list[str], log: Path) -> Iterator[None]:
+    """Run ``argv`` under no process manager (its PID changes with an overlap); stop every
+    process it leads to, by the mark they carry."""
+    mark = new_mark()
+    with log.open("ab") as out:
+        first = subprocess.Popen(
+            argv, env=with_mark(dict(os.environ), mark), stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        yield
+    finally:
+        left = stop_marked(mark)
+        first.wait(10)
+        assert left == [], f"left running: {left}"
+
+
+def test_twenty_overlaps_refuse_no_connection_and_fail_no_request(
+    tmp_path: Path, control_files: tuple[ControlServer, ArtifactServer]
+) -> None:
+    control, files = control_files
+    versions = releases()
+    install, state = tmp_path / "opt", tmp_path / "state"
+    versions[0].install(install)
+    port = free_port()
+    log = tmp_path / "httpd.log"
+    argv = guard_command(
+        state, [str(install / PROGRAM), *httpd_args(port, control, state, "overlap")]
+    )
+    with on_its_own(argv, log):
+        reports = upgrade_under_load(control, files, port, versions, lambda: _tail(log))
+    check(reports, "overlap on its own")
+    pids = {body.split()[1] for r in reports for body in r.bodies}
+    assert len(pids) == UPGRADES + 1, pids  # a new process each time
+
+
+def test_a_release_that_exits_before_ready_leaves_the_old_one_serving(
+    tmp_path: Path, control_files: tuple[ControlServer, ArtifactServer]
+) -> None:
+    """Overlap on its own: the old process never stops serving; the old files are back."""
+    control, files = control_files
+    old, bad = release("1.0"), release("1.1", starts=False)
+    install, state = tmp_path / "opt", tmp_path / "state"
+    old.install(install)
+    port = free_port()
+    log = tmp_path / "httpd.log"
+    argv = guard_command(
+        state, [str(install / PROGRAM), *httpd_args(port, control, state, "overlap")]
+    )
+    with on_its_own(argv, log):
+        publish_a_bad_release(control, files, port, old, bad, lambda: _tail(log))
+    assert (install / PROGRAM).read_bytes() == old.files[next(iter(old.files))]
+
+
+def publish_a_bad_release(
+    control: ControlServer,
+    files: ArtifactServer,
+    port: int,
+    old: ToyRelease,
+    bad: ToyRelease,
+    on_failure: Callable[[], str],
+) -> LoadReport:
+    """Publish ``bad`` under load; wait until the daemon reports it failed, and 3 s more."""
+    control.wait_for_version(HOST, old.version, timeout_s=60)
+    for name, data in bad.files.items():
+        files.add(bad.artifact_name(name), data)
+    with HttpLoad(port, rate=200, keep_alive=0.5, workers=8) as load:
+        time.sleep(0.5)
+        started = time.monotonic()
+        control.publish(bad.order(files.base_url))
+        try:
+            beat = control.wait_for(
+                lambda bs: any(
+                    b.host == HOST
+                    and str(b.failed_version) == bad.version
+                    and b.state in (UpgradeState.FAILED, UpgradeState.ROLLED_BACK)
+                    for b in bs
+                ),
+                timeout_s=90,
+            )
+        except Exception as exc:
+            raise AssertionError(f"no failure reported: {exc}\n{on_failure()}") from exc
+        control.publish(None)
+        time.sleep(3)
+        report = load.report(since=started)
+    failed = next(b for b in reversed(beat) if str(b.failed_version) == bad.version)
+    print(
+        f"{bad.version} exits before ready: {failed.state.value} ({failed.error}); "
+        f"under load: {report.summary()}; answered by {sorted(report.bodies)}"
+    )
+    assert report.refused == 0 and report.failed == 0, dict(report.errors)
+    assert {body.split()[0] for body in report.bodies} == {old.version}
+    return report
+
+
+def test_without_a_hand_off_upgrades_refuse_connections_and_fail_requests(
+    tmp_path: Path, control_files: tuple[ControlServer, ArtifactServer]
+) -> None:
+    """The reference: the same daemon and load, an exec that closes the socket and binds it
+    again. What the checks above would see without a hand-off."""
+    control, files = control_files
+    versions = releases()[:4]
+    install, state = tmp_path / "opt", tmp_path / "state"
+    versions[0].install(install)
+    port = free_port()
+    log = tmp_path / "httpd.log"
+    argv = guard_command(state, [str(install / PROGRAM), *httpd_args(port, control, state, "none")])
+    with ServiceHarness(argv, log_path=log):
+        reports = upgrade_under_load(control, files, port, versions, lambda: _tail(log))
+    for i, report in enumerate(reports, 1):
+        print(f"no hand-off, upgrade {i}: {report.summary()} {dict(report.errors)}")
+    assert all(r.refused + r.failed > 0 for r in reports)
+
+
 def _tail(path: Path) -> str:
     if path.is_dir():
         return "\n".join(p.read_text()[-1500:] for p in sorted(path.glob("*.log")))
@@ -146,7 +271,7 @@ def _tail(path: Path) -> str:
 HERE = Path(__file__).resolve().parent.parent / "examples" / "http_daemon"
 
 
-@pytest.mark.parametrize("handoff", ["systemd-socket", "systemd-fdstore"])
+@pytest.mark.parametrize("handoff", ["systemd-socket", "systemd-fdstore", "overlap"])
 def test_twenty_upgrades_under_real_systemd_refuse_no_connection_and_fail_no_request(
     systemd: Any,
     place: Path,
@@ -167,8 +292,37 @@ def test_twenty_upgrades_under_real_systemd_refuse_no_connection_and_fail_no_req
     state = systemd.state("httpd.service")
     (tmp_path / "journal.txt").write_text(systemd.journal("httpd.service"))
     print(f"{handoff}: unit {state}; journal in {tmp_path / 'journal.txt'}")
-    check(reports, handoff)
-    assert state["ActiveState"] == "active" and int(state["NRestarts"]) >= UPGRADES
+    check(reports, f"{handoff} under systemd")
+    assert state["ActiveState"] == "active" and state["StatusText"] == f"httpd 1.{UPGRADES}"
+    if handoff == "overlap":  # no restart: systemd was told each new main PID
+        assert int(state["NRestarts"]) == 0
+        assert len({body.split()[1] for r in reports for body in r.bodies}) == UPGRADES + 1
+    else:
+        assert int(state["NRestarts"]) >= UPGRADES
+
+
+@pytest.mark.parametrize("handoff", ["systemd-socket", "overlap"])
+def test_a_release_that_exits_before_ready_under_real_systemd_fails_no_request(
+    systemd: Any,
+    place: Path,
+    control_files: tuple[ControlServer, ArtifactServer],
+    handoff: str,
+) -> None:
+    """Overlap: the old process serves on. systemd's socket: the old one has left, the new
+    one exits, the guard rolls it back at a later start, and meanwhile the connections wait
+    in the socket's backlog: late answers, none refused or failed."""
+    control, files = control_files
+    python = host_python()
+    old, bad = release("1.0", python=python), release("1.1", python=python, starts=False)
+    port = free_port()
+    install_httpd(systemd, place, control, old, port, handoff, python)
+    publish_a_bad_release(
+        control, files, port, old, bad, lambda: systemd.journal("httpd.service")[-3000:]
+    )
+    state = systemd.state("httpd.service")
+    print(f"{handoff}: unit {state}")
+    assert state["ActiveState"] == "active" and state["StatusText"] == "httpd 1.0"
+    assert (place / "opt" / PROGRAM).read_bytes() == next(iter(old.files.values()))
 
 
 def install_httpd(

@@ -9,10 +9,15 @@ hbs says so. ``--handoff`` chooses how the listening socket reaches the new vers
 
 * ``exec``: the daemon drains and ``exec``\\ s the new version through the guard, the socket
   inherited (same PID: under any process manager, or none);
+* ``overlap``: the new version starts beside the old one with the socket; the old one drains
+  and leaves only once the new one is ready, and serves on if it is not (no process manager,
+  or systemd, which is told the new main PID);
 * ``systemd-socket``: systemd owns the socket (``httpd.socket``); the daemon drains and exits
   on SIGTERM, and ``Restart=always`` starts the new version on the same socket;
 * ``systemd-fdstore``: the daemon binds the socket and gives systemd a copy to keep
-  (``FileDescriptorStoreMax=1`` in ``httpd.service``); then as ``systemd-socket``.
+  (``FileDescriptorStoreMax=1`` in ``httpd.service``); then as ``systemd-socket``;
+* ``none``: no hand-off, for comparison: a plain ``exec`` that closes the socket and binds it
+  again.
 
 While the socket stays open, a client that connects during the switch waits in its backlog.
 The version is baked into this file (``VERSION``), as a compiled daemon's would be.
@@ -36,7 +41,7 @@ import selfupgrade as su  # noqa: E402
 from selfupgrade.sockets import DrainAwareHandler, DrainingHTTPServer, listeners  # noqa: E402
 
 log = logging.getLogger("httpd")
-HANDOFFS = ("exec", "systemd-socket", "systemd-fdstore")
+HANDOFFS = ("exec", "overlap", "systemd-socket", "systemd-fdstore", "none")
 
 
 class Handler(DrainAwareHandler):
@@ -92,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     restarter: su.Restarter
     if args.handoff == "exec":
         restarter = su.ExecRestarter(guard_state_dir=args.state, sockets=sockets, before_exec=drain)
+    elif args.handoff == "overlap":
+        restarter = su.OverlapRestarter(sockets, guard_state_dir=args.state, drain=drain)
+    elif args.handoff == "none":
+        restarter = su.ExecRestarter(guard_state_dir=args.state)
     else:
         restarter = su.SystemdRestarter(grace_s=args.drain_s + 5)
     here = Path(sys.argv[0]).resolve()

@@ -1,7 +1,8 @@
-"""The Restarter role and its implementations (systemd, supervisord, execv)."""
+"""The Restarter role and its implementations (systemd, supervisord, execv, overlap)."""
 
 from .base import Restarter
 from .execv import ExecRestarter
+from .overlap import OverlapRestarter
 from .supervisor import SupervisorRestarter
 from .systemd import (
     SystemdRestarter,
@@ -13,6 +14,7 @@ from .systemd import (
 
 __all__ = [
     "ExecRestarter",
+    "OverlapRestarter",
     "Restarter",
     "SupervisorRestarter",
     "SystemdRestarter",

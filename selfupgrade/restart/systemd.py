@@ -18,6 +18,7 @@ from typing import Literal
 import sdnotify
 
 from .._system import System
+from .overlap import tell_parent_ready
 
 __all__ = [
     "SystemdRestarter",
@@ -40,7 +41,10 @@ _pets: list[float] = []  # when it last petted the watchdog
 
 
 def notify_ready(status: str | None = None) -> None:
-    """Tell systemd the daemon has started (``READY=1``); a no-op outside systemd."""
+    """Tell systemd the daemon has started (``READY=1``); a no-op outside systemd. In a new
+    version started by :class:`~selfupgrade.restart.overlap.OverlapRestarter`, first tell
+    the old process, and wait for it to hand over."""
+    tell_parent_ready()
     _notifier().notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
     _ready_at[:] = [time.monotonic()]
 

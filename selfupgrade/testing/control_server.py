@@ -114,6 +114,8 @@ def _handler_for(owner: ControlServer) -> type[http.server.BaseHTTPRequestHandle
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the agent went away (stopped or killed mid-heartbeat): its problem
             except Exception as exc:
                 owner._error(exc)
                 raise
