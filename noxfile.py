@@ -87,4 +87,5 @@ BENCHMARKS = [
     "agent_idle.py",
     "order_to_heartbeat.py",
     "simulator.py",
+    "zero_downtime.py",
 ]

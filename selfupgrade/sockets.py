@@ -13,6 +13,8 @@ One protocol for every way a socket reaches a new version: systemd's socket acti
   the next start.
 * With :class:`~selfupgrade.ExecRestarter` given ``sockets=``, the process passes its own to the
   version it ``exec``\\ s (same PID), through the guard: :func:`hand_over` does that just before.
+* With :class:`~selfupgrade.OverlapRestarter`, the process starts the new version as its child
+  with the sockets (:func:`spawn_with`), and leaves once the child is ready.
 
 A daemon asks for its sockets by name with :func:`listeners`: those passed in are taken (and
 the ``LISTEN_*`` variables removed, so that its children do not take them too); the others are
@@ -24,12 +26,14 @@ The old process's side is :class:`DrainingHTTPServer` (for ``http.server`` and
 request of each keep-alive connection with ``Connection: close``, and waits for the requests in
 flight, so that no request is cut off.
 
-Not here yet: the overlap hand-off of tableflip, adapters for uvicorn or aiohttp (issue 14).
+For uvicorn, :class:`UvicornServing` runs a ``uvicorn.Server`` on the sockets and drains it
+with uvicorn's own graceful shutdown. Not here yet: aiohttp and plain asyncio servers.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import fcntl
 import http.server
@@ -46,6 +50,7 @@ __all__ = [
     "LISTEN_PARENT_ENV",
     "DrainAwareHandler",
     "DrainingHTTPServer",
+    "UvicornServing",
     "hand_over",
     "listeners",
     "spawn_with",
@@ -94,6 +99,10 @@ def listeners(
     """The listening TCP sockets named in ``wanted`` (``{"http": ("127.0.0.1", 8080)}``): the
     ones passed to this process under those names, and the others bound and listening now.
 
+    The sockets are non-blocking (a flag they share with every process that has them): a
+    server must wait for a connection (select, poll, an event loop: every ``socketserver``
+    and asyncio server does) rather than block in ``accept()``.
+
     Args:
         wanted: name -> (host, port).
         backlog: for the sockets bound here.
@@ -114,6 +123,10 @@ def listeners(
             sock = socket.create_server(address, backlog=backlog, reuse_port=False)
             bound[name] = sock
         out[name] = sock
+    for sock in out.values():
+        # during a hand-off two processes accept on the socket: one woken for a connection
+        # that the other took must get EAGAIN, not block in accept() (with its requests)
+        sock.setblocking(False)
     if store and bound:
         store_in_systemd(bound)
     for name, sock in passed.items():
@@ -293,3 +306,61 @@ class DrainingHTTPServer(http.server.ThreadingHTTPServer):
         if still:
             log.warning("drained with %d connection(s) still open after %g s", still, timeout_s)
         return still
+
+
+class UvicornServing:
+    """A ``uvicorn.Server`` serving on sockets from :func:`listeners`, in a thread, with a
+    drain for a restarter (``before_exec=serving.drain``, ``drain=serving.drain``).
+
+    uvicorn closes the sockets it is given when it shuts down, so it gets duplicates: the
+    originals stay open for the next version. The drain first stops accepting and waits
+    ``accept_grace_s``, so that connections accepted a moment before have sent their request
+    (uvicorn's shutdown ends idle connections at once, and a request on its way would meet a
+    reset); then uvicorn's graceful shutdown lets the requests in flight finish (its
+    ``timeout_graceful_shutdown``) and runs the app's lifespan shutdown. An idle keep-alive
+    connection is ended without a ``Connection: close`` first: HTTP clients send their next
+    request again on a new connection (RFC 9112, section 9.3.1).
+
+    Args:
+        server: a ``uvicorn.Server`` (uvicorn is in the ``server`` extra).
+        sockets: the listening sockets.
+        accept_grace_s: the wait between the end of accepting and the shutdown.
+    """
+
+    def __init__(
+        self, server: Any, sockets: Sequence[socket.socket], *, accept_grace_s: float = 0.3
+    ) -> None:
+        self.server = server
+        # socket.dup() would copy the Python timeout, and so reset the shared O_NONBLOCK
+        self._sockets = [socket.socket(fileno=os.dup(sock.fileno())) for sock in sockets]
+        self._grace_s = accept_grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)
+
+    def _run(self) -> None:
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            await self.server.serve(sockets=self._sockets)
+
+        asyncio.run(serve())
+
+    def start(self) -> UvicornServing:
+        """Start serving; return once uvicorn has started."""
+        self._thread.start()
+        while not self.server.started and self._thread.is_alive():
+            time.sleep(0.01)
+        if not self.server.started:
+            raise RuntimeError("uvicorn did not start; see its log")
+        return self
+
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Stop accepting, then shut uvicorn down gracefully; wait at most ``timeout_s`` in
+        all. ``True`` when it ended."""
+        started = time.monotonic()
+        if self._loop is not None:
+            for listening in list(self.server.servers):
+                self._loop.call_soon_threadsafe(listening.close)
+            time.sleep(self._grace_s)
+        self.server.should_exit = True
+        self._thread.join(max(0.0, timeout_s - (time.monotonic() - started)))
+        return not self._thread.is_alive()

@@ -7,8 +7,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,17 +94,14 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 def host_python() -> str:
     """An interpreter a ``ProtectHome=true`` unit can run that can import this checkout."""
-    debian = Path("/usr/bin/python3")
-    if debian.exists():
-        same = subprocess.run(
-            [str(debian), "-c", "import sys; print(sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        if same == str(sys.version_info[:2]):
-            return str(debian)
-    pytest.skip("needs /usr/bin/python3 of this interpreter's version (ProtectHome hides others)")
+    from examples.http_daemon.drive import systemd_python
+
+    python = systemd_python()
+    if python is None:
+        pytest.skip(
+            "needs /usr/bin/python3 of this interpreter's version (ProtectHome hides others)"
+        )
+    return python
 
 
 @pytest.fixture

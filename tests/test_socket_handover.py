@@ -1,28 +1,28 @@
-"""The sockets layer alone: a daemon's listening socket handed over across ``execv``.
+"""The sockets layer alone, for each server it adapts: a daemon's listening socket handed over
+ten times, by ``execv`` and by an overlap, without an updater (tests/test_zero_downtime.py
+has whole upgrades).
 
 A small HTTP daemon (real process, real socket on 127.0.0.1) takes its socket with
-``selfupgrade.sockets.listeners`` and serves with ``DrainingHTTPServer``; on SIGUSR1 it drains
-and execs itself through the guard with ``ExecRestarter(sockets=...)``, without an updater
-(tests/test_zero_downtime.py has the whole upgrades). A client opens a new connection for every
-request, as fast as it can, through 10 such execs: no connection may be refused and no request
-may fail.
+``selfupgrade.sockets.listeners`` and serves it with ``DrainingHTTPServer`` (``http.server``)
+or with ``UvicornServing`` (an ASGI app on uvicorn); on SIGUSR1 it hands over through the guard
+with ``ExecRestarter(sockets=...)`` or ``OverlapRestarter``. A load of 300 requests/s, half on
+keep-alive connections, runs throughout: no connection may be refused and no request may fail.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from selfupgrade.testing import free_port
+from selfupgrade.testing import free_port, new_mark, stop_marked, with_mark
+from selfupgrade.testing.load import HttpLoad
 
 pytestmark = pytest.mark.real
 
@@ -30,104 +30,109 @@ DAEMON = textwrap.dedent(
     """
     import os, signal, sys, threading
     from pathlib import Path
-    from selfupgrade.restart.execv import ExecRestarter
-    from selfupgrade.sockets import DrainAwareHandler, DrainingHTTPServer, listeners
+    import selfupgrade as su
+    from selfupgrade.sockets import listeners
 
-    port, counter, state = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    port, state, server_kind, way = sys.argv[1], sys.argv[3], sys.argv[4], sys.argv[5]
+    counter = Path(sys.argv[2])
     generation = int(counter.read_text()) if counter.exists() else 0
-    sockets = listeners({"http": ("127.0.0.1", port)})
+    sockets = listeners({"http": ("127.0.0.1", int(port))})
+    answer = f"{generation} {os.getpid()}".encode()
 
-    class Handler(DrainAwareHandler):
-        def do_GET(self):
-            body = f"{generation} {os.getpid()}".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    if server_kind == "http.server":
+        from selfupgrade.sockets import DrainAwareHandler, DrainingHTTPServer
 
-        def log_message(self, *args):
-            pass
+        class Handler(DrainAwareHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
 
-    server = DrainingHTTPServer(sockets["http"], Handler)
-    restarter = ExecRestarter(
-        [sys.executable, *sys.argv],
-        guard_state_dir=state,
-        sockets=sockets,
-        before_exec=server.drain,
-    )
+            def log_message(self, *args):
+                pass
+
+        server = DrainingHTTPServer(sockets["http"], Handler)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        drain = server.drain
+    else:
+        import uvicorn
+        from selfupgrade.sockets import UvicornServing
+
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            headers = [(b"content-length", str(len(answer)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": answer})
+
+        config = uvicorn.Config(app, lifespan="off", log_level="warning")
+        drain = UvicornServing(uvicorn.Server(config), [sockets["http"]]).start().drain
+
+    argv = [sys.executable, *sys.argv]
+    if way == "exec":
+        restarter = su.ExecRestarter(
+            argv, guard_state_dir=state, sockets=sockets, before_exec=drain
+        )
+    else:
+        restarter = su.OverlapRestarter(sockets, argv=argv, guard_state_dir=state, drain=drain)
     upgrade = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *a: upgrade.set())
-
-    def upgrader():
-        upgrade.wait()
-        counter.write_text(str(generation + 1))
-        restarter.restart()
-
-    threading.Thread(target=upgrader, daemon=True).start()
+    su.notify_ready()  # to an OverlapRestarter's parent, when there is one
     print(f"generation {generation} pid {os.getpid()} serving", flush=True)
-    server.serve_forever(poll_interval=0.05)
-    threading.Event().wait()  # the upgrader execs this process
+    while not upgrade.wait(0.2):  # a timed wait: a signal taken by another thread is
+        pass  # handled at the next timeout, where an untimed one could wait for ever
+    counter.write_text(str(generation + 1))
+    restarter.restart()
     """
 )
 
-
-def ask(port: int) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while chunk := conn.recv(4096):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
-        raise RuntimeError(f"answered {head[:40]!r}")
-    return body.decode()
+HANDOVERS = 10
 
 
-def test_ten_execs_refuse_no_connection_and_fail_no_request(tmp_path: Path) -> None:
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("way", ["exec", "overlap"])
+@pytest.mark.parametrize("server", ["http.server", "uvicorn"])
+def test_ten_handovers_refuse_no_connection_and_fail_no_request(
+    tmp_path: Path, server: str, way: str
+) -> None:
     script = tmp_path / "daemon.py"
     script.write_text(DAEMON)
     port = free_port()
+    mark = new_mark()
+    argv = [sys.executable, str(script), str(port), str(tmp_path / "gen"), str(tmp_path / "state")]
     daemon = subprocess.Popen(
-        [sys.executable, str(script), str(port), str(tmp_path / "gen"), str(tmp_path / "state")],
+        [*argv, server, way],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=with_mark(dict(os.environ), mark),
     )
-    counts = {"ok": 0, "refused": 0, "failed": 0}
-    seen: set[str] = set()
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            try:
-                seen.add(ask(port).split()[0])
-                counts["ok"] += 1
-            except ConnectionRefusedError:
-                counts["refused"] += 1
-            except (OSError, RuntimeError):
-                counts["failed"] += 1
-
+    pids = []
     try:
         assert daemon.stdout is not None
-        assert "generation 0" in daemon.stdout.readline()
-        load = threading.Thread(target=client)
-        load.start()
-        started = time.monotonic()
-        for generation in range(1, 11):
-            os.kill(daemon.pid, signal.SIGUSR1)
-            line = daemon.stdout.readline()
-            assert f"generation {generation} pid {daemon.pid}" in line, line
-            time.sleep(0.2)
-        stop.set()
-        load.join(30)
-        took = time.monotonic() - started
+        line = daemon.stdout.readline()
+        assert "generation 0" in line, line + daemon.stdout.read()
+        pids.append(int(line.split()[3]))
+        with HttpLoad(port, rate=300, keep_alive=0.5, workers=8) as load:
+            time.sleep(0.5)
+            started = time.monotonic()
+            for generation in range(1, HANDOVERS + 1):
+                os.kill(pids[-1], signal.SIGUSR1)
+                line = daemon.stdout.readline()
+                assert f"generation {generation} pid" in line, line
+                pids.append(int(line.split()[3]))
+                time.sleep(0.3)
+            took = time.monotonic() - started
+        report = load.report()
     finally:
-        stop.set()
-        daemon.kill()
-        daemon.wait()
+        left = stop_marked(mark)
+        daemon.wait(10)
     print(
-        f"10 execs in {took:.1f} s (same pid {daemon.pid}): {counts['ok']} requests answered, "
-        f"{counts['refused']} refused, {counts['failed']} failed; generations seen {sorted(seen)}"
+        f"{server}, {HANDOVERS} hand-offs by {way} in {took:.1f} s, pids {sorted(set(pids))}: "
+        f"{report.summary()} {dict(report.errors)}"
     )
-    assert counts["refused"] == 0 and counts["failed"] == 0
-    assert counts["ok"] > 100 and "10" in seen
+    assert left == []
+    assert report.refused == 0 and report.failed == 0
+    assert report.answered > 300 and any(b.startswith(f"{HANDOVERS} ") for b in report.bodies)
+    assert len(set(pids)) == (1 if way == "exec" else HANDOVERS + 1)

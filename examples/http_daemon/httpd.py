@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     updater.start()
     log.info("serving on %s:%d (hand-off: %s)", *server.server_address[:2], args.handoff)
     su.notify_ready(f"httpd {VERSION}")
-    stop.wait()
+    while not stop.wait(1.0):  # timed: a signal taken by another thread waits for a timeout
+        pass
     log.info("stopping: draining for at most %g s", args.drain_s)
     updater.stop()
     drain()
