@@ -218,6 +218,7 @@ class DrainAwareHandler(http.server.BaseHTTPRequestHandler):
     server drains, each answer says ``Connection: close`` and ends its connection."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK wait
     server: DrainingHTTPServer
 
     def parse_request(self) -> bool:

@@ -1,7 +1,7 @@
-"""A bounded HTTP load on 127.0.0.1, to show that an upgrade drops no connection.
+"""A bounded HTTP load on 127.0.0.1, to show that an upgrade drops no connection::
 
     with HttpLoad(port, rate=200) as load:
-        ...  # upgrade the daemon
+        upgrade_the_daemon()
     report = load.report()
     assert report.refused == 0 and report.failed == 0
 
