@@ -26,8 +26,9 @@ The old process's side is :class:`DrainingHTTPServer` (for ``http.server`` and
 request of each keep-alive connection with ``Connection: close``, and waits for the requests in
 flight, so that no request is cut off.
 
-For uvicorn, :class:`UvicornServing` runs a ``uvicorn.Server`` on the sockets and drains it
-with uvicorn's own graceful shutdown. Not here yet: aiohttp and plain asyncio servers.
+For uvicorn and aiohttp, :class:`UvicornServing` and :class:`AiohttpServing` serve on the
+sockets in a thread and drain with the server's own graceful shutdown. Not here: plain asyncio
+servers (``loop.create_server(sock=...)`` takes the socket; ``close()`` ends no connection).
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "FIRST_FD",
     "LISTEN_PARENT_ENV",
+    "AiohttpServing",
     "DrainAwareHandler",
     "DrainingHTTPServer",
     "UvicornServing",
@@ -309,18 +311,80 @@ class DrainingHTTPServer(http.server.ThreadingHTTPServer):
         return still
 
 
-class UvicornServing:
-    """A ``uvicorn.Server`` serving on sockets from :func:`listeners`, in a thread, with a
-    drain for a restarter (``before_exec=serving.drain``, ``drain=serving.drain``).
+_S = TypeVar("_S", bound="_ServingInThread")
 
-    uvicorn closes the sockets it is given when it shuts down, so it gets duplicates: the
-    originals stay open for the next version. The drain first stops accepting and waits
-    ``accept_grace_s``, so that connections accepted a moment before have sent their request
-    (uvicorn's shutdown ends idle connections at once, and a request on its way would meet a
-    reset); then uvicorn's graceful shutdown lets the requests in flight finish (its
-    ``timeout_graceful_shutdown``) and runs the app's lifespan shutdown. An idle keep-alive
-    connection is ended without a ``Connection: close`` first: HTTP clients send their next
-    request again on a new connection (RFC 9112, section 9.3.1).
+
+class _ServingInThread:
+    """An asyncio server on duplicates of listening sockets, in a thread with its own event
+    loop, and the drain of a hand-off: stop accepting, wait ``accept_grace_s`` so that
+    connections accepted a moment before have sent their request (the servers below end idle
+    connections at once when they shut down, and a request on its way would meet a reset),
+    then the server's own graceful shutdown. Subclasses say how to serve, stop accepting and
+    shut down."""
+
+    name = "server"
+
+    def __init__(self, sockets: Sequence[socket.socket], accept_grace_s: float) -> None:
+        # socket.dup() would copy the Python timeout, and so reset the shared O_NONBLOCK;
+        # the servers close the sockets they are given when they stop: the originals stay
+        self._sockets = [socket.socket(fileno=os.dup(sock.fileno())) for sock in sockets]
+        self._grace_s = accept_grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            await self._serve()
+
+        asyncio.run(main())
+
+    async def _serve(self) -> None:
+        raise NotImplementedError
+
+    def _started(self) -> bool:
+        raise NotImplementedError
+
+    async def _stop_accepting(self) -> None:
+        raise NotImplementedError
+
+    def _shut_down(self) -> None:
+        raise NotImplementedError
+
+    def start(self: _S, timeout_s: float = 30.0) -> _S:
+        """Start serving; return once the server accepts.
+
+        Raises:
+            RuntimeError: it did not start within ``timeout_s`` (its log says why).
+        """
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._started() and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self._started():
+            raise RuntimeError(f"{self.name} did not start; see its log")
+        return self
+
+    def drain(self, timeout_s: float = 10.0) -> bool:
+        """Stop accepting, then shut the server down gracefully; wait at most ``timeout_s``
+        in all. ``True`` when it ended."""
+        started = time.monotonic()
+        loop = self._loop
+        if loop is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._stop_accepting(), loop).result(timeout_s)
+            time.sleep(self._grace_s)
+            loop.call_soon_threadsafe(self._shut_down)
+        self._thread.join(max(0.0, timeout_s - (time.monotonic() - started)))
+        return not self._thread.is_alive()
+
+
+class UvicornServing(_ServingInThread):
+    """A ``uvicorn.Server`` serving on sockets from :func:`listeners`, in a thread, with a
+    drain for a restarter (``before_exec=serving.drain``, ``drain=serving.drain``): uvicorn's
+    graceful shutdown lets the requests in flight finish (its ``timeout_graceful_shutdown``)
+    and runs the app's lifespan shutdown. An idle keep-alive connection is ended without a
+    ``Connection: close`` first: HTTP clients send their next request again on a new
+    connection (RFC 9112, section 9.3.1).
 
     Args:
         server: a ``uvicorn.Server`` (uvicorn is in the ``server`` extra).
@@ -328,40 +392,81 @@ class UvicornServing:
         accept_grace_s: the wait between the end of accepting and the shutdown.
     """
 
+    name = "uvicorn"
+
     def __init__(
         self, server: Any, sockets: Sequence[socket.socket], *, accept_grace_s: float = 0.3
     ) -> None:
+        super().__init__(sockets, accept_grace_s)
         self.server = server
-        # socket.dup() would copy the Python timeout, and so reset the shared O_NONBLOCK
-        self._sockets = [socket.socket(fileno=os.dup(sock.fileno())) for sock in sockets]
-        self._grace_s = accept_grace_s
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._run, name="uvicorn", daemon=True)
 
-    def _run(self) -> None:
-        async def serve() -> None:
-            self._loop = asyncio.get_running_loop()
-            await self.server.serve(sockets=self._sockets)
+    async def _serve(self) -> None:
+        await self.server.serve(sockets=self._sockets)
 
-        asyncio.run(serve())
+    def _started(self) -> bool:
+        return bool(self.server.started)
 
-    def start(self) -> UvicornServing:
-        """Start serving; return once uvicorn has started."""
-        self._thread.start()
-        while not self.server.started and self._thread.is_alive():
-            time.sleep(0.01)
-        if not self.server.started:
-            raise RuntimeError("uvicorn did not start; see its log")
-        return self
+    async def _stop_accepting(self) -> None:
+        for listening in list(self.server.servers):
+            listening.close()
 
-    def drain(self, timeout_s: float = 10.0) -> bool:
-        """Stop accepting, then shut uvicorn down gracefully; wait at most ``timeout_s`` in
-        all. ``True`` when it ended."""
-        started = time.monotonic()
-        if self._loop is not None:
-            for listening in list(self.server.servers):
-                self._loop.call_soon_threadsafe(listening.close)
-            time.sleep(self._grace_s)
+    def _shut_down(self) -> None:
         self.server.should_exit = True
-        self._thread.join(max(0.0, timeout_s - (time.monotonic() - started)))
-        return not self._thread.is_alive()
+
+
+class AiohttpServing(_ServingInThread):
+    """An ``aiohttp.web.Application`` served on sockets from :func:`listeners`, in a thread,
+    with a drain for a restarter: aiohttp's graceful shutdown (``AppRunner.cleanup``) ends
+    idle keep-alive connections, waits up to ``shutdown_timeout`` for the handlers in flight,
+    and runs the app's cleanup. Like uvicorn, it ends an idle keep-alive connection at once.
+
+    Args:
+        app: the application (aiohttp is not a dependency of selfupgrade: install it).
+        sockets: the listening sockets.
+        shutdown_timeout: for the handlers in flight.
+        accept_grace_s: the wait between the end of accepting and the shutdown.
+    """
+
+    name = "aiohttp"
+
+    def __init__(
+        self,
+        app: Any,
+        sockets: Sequence[socket.socket],
+        *,
+        shutdown_timeout: float = 10.0,
+        accept_grace_s: float = 0.3,
+    ) -> None:
+        super().__init__(sockets, accept_grace_s)
+        self.app = app
+        self._shutdown_timeout = shutdown_timeout
+        self._sites: list[Any] = []
+        self._serving = False
+        self._stop: asyncio.Event | None = None
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+
+        self._stop = asyncio.Event()
+        runner = web.AppRunner(self.app, handle_signals=False)
+        await runner.setup()
+        try:
+            for sock in self._sockets:
+                site = web.SockSite(runner, sock, shutdown_timeout=self._shutdown_timeout)
+                await site.start()
+                self._sites.append(site)
+            self._serving = True
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def _started(self) -> bool:
+        return self._serving
+
+    async def _stop_accepting(self) -> None:
+        for site in self._sites:
+            await site.stop()
+
+    def _shut_down(self) -> None:
+        if self._stop is not None:
+            self._stop.set()

@@ -3,14 +3,16 @@ ten times, by ``execv`` and by an overlap, without an updater (tests/test_zero_d
 has whole upgrades).
 
 A small HTTP daemon (real process, real socket on 127.0.0.1) takes its socket with
-``selfupgrade.sockets.listeners`` and serves it with ``DrainingHTTPServer`` (``http.server``)
-or with ``UvicornServing`` (an ASGI app on uvicorn); on SIGUSR1 it hands over through the guard
-with ``ExecRestarter(sockets=...)`` or ``OverlapRestarter``. A load of 300 requests/s, half on
-keep-alive connections, runs throughout: no connection may be refused and no request may fail.
+``selfupgrade.sockets.listeners`` and serves it with ``DrainingHTTPServer`` (``http.server``),
+``UvicornServing`` (an ASGI app on uvicorn) or ``AiohttpServing``; on SIGUSR1 it hands over
+through the guard with ``ExecRestarter(sockets=...)`` or ``OverlapRestarter``. A load of 300
+requests/s, half on keep-alive connections, runs throughout: no connection may be refused and
+no request may fail.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -55,6 +57,16 @@ DAEMON = textwrap.dedent(
         server = DrainingHTTPServer(sockets["http"], Handler)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         drain = server.drain
+    elif server_kind == "aiohttp":
+        from aiohttp import web
+        from selfupgrade.sockets import AiohttpServing
+
+        async def hello(request):
+            return web.Response(body=answer)
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        drain = AiohttpServing(app, [sockets["http"]]).start().drain
     else:
         import uvicorn
         from selfupgrade.sockets import UvicornServing
@@ -92,10 +104,12 @@ HANDOVERS = 10
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("way", ["exec", "overlap"])
-@pytest.mark.parametrize("server", ["http.server", "uvicorn"])
+@pytest.mark.parametrize("server", ["http.server", "uvicorn", "aiohttp"])
 def test_ten_handovers_refuse_no_connection_and_fail_no_request(
     tmp_path: Path, server: str, way: str
 ) -> None:
+    if server == "aiohttp" and importlib.util.find_spec("aiohttp") is None:
+        pytest.skip("needs aiohttp (pip install aiohttp, or the package's test extra)")
     script = tmp_path / "daemon.py"
     script.write_text(DAEMON)
     port = free_port()
