@@ -177,6 +177,38 @@ def test_a_release_that_exits_before_ready_under_real_systemd_fails_no_request(
     assert (place / "opt" / PROGRAM).read_bytes() == next(iter(old.files.values()))
 
 
+def test_by_exec_a_release_that_exits_before_ready_is_rolled_back_but_refuses_meanwhile(
+    tmp_path: Path, servers: tuple[ControlServer, ArtifactServer]
+) -> None:
+    """The limit of the exec way, measured: the new version exits with the PID, the socket
+    with it; the guard's harness restarts the process and the guard rolls the release back,
+    and until the old version listens again connections are refused. (The overlap serves on:
+    the test above.)"""
+    control, files = servers
+    old, bad = release("1.0"), release("1.1", starts=False)
+    port = free_port()
+    with running("exec", tmp_path, control, old, port) as httpd:
+        control.wait_for_version(HOST, old.version, timeout_s=60)
+        for role, data in bad.files.items():
+            files.add(bad.artifact_name(role), data)
+        with HttpLoad(port, rate=200, keep_alive=0.5, workers=8) as load:
+            time.sleep(0.5)
+            started = time.monotonic()
+            control.publish(bad.order(files.base_url))
+            control.wait_for(
+                lambda bs: any(b.host == HOST and str(b.failed_version) == bad.version for b in bs),
+                timeout_s=90,
+            )
+            control.publish(None)
+            time.sleep(2)
+            report = load.report(since=started)
+        log = httpd.log()
+    print(f"exec, 1.1 exits before ready: rolled back; under load: {report.summary()}")
+    assert (tmp_path / "opt" / PROGRAM).read_bytes() == next(iter(old.files.values())), log
+    assert report.refused > 0  # what the overlap avoids
+    assert {body.split()[0] for body in report.bodies} == {old.version}
+
+
 def test_without_a_hand_off_upgrades_refuse_connections(
     tmp_path: Path, servers: tuple[ControlServer, ArtifactServer]
 ) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -325,6 +326,24 @@ class Systemd(Managed):
     def journal(self, unit: str) -> str:
         """The unit's journal, as text."""
         return self.run_inside(["journalctl", "-u", unit, "-o", "cat", "--no-pager"]).stdout
+
+    def watch_notifications(self) -> None:
+        """Have systemd log every ``sd_notify`` message it gets (its debug log level), for
+        :meth:`notifications`."""
+        done = self.run_inside(["systemd-analyze", "set-log-level", "debug"])
+        if done.returncode != 0:
+            raise RuntimeError(f"systemd-analyze set-log-level debug failed: {done.stderr}")
+
+    def notifications(self, unit: str) -> list[tuple[int, str]]:
+        """``(pid, message)`` of each notification systemd got for ``unit`` since
+        :meth:`watch_notifications`, as it logged them (``"STOPPING=1, STATUS=..."``: the
+        message's lines joined by commas); PIDs are the namespace's."""
+        found = []
+        for line in self.journal(unit).splitlines():
+            match = re.search(r"Got notification message from PID (\d+) \((.*)\)$", line)
+            if match:
+                found.append((int(match.group(1)), match.group(2)))
+        return found
 
     def host_pid(self, pid_inside: str | int) -> int | None:
         """The host PID of the process systemd calls ``pid_inside`` (its ``MainPID``)."""
