@@ -16,20 +16,24 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import (
     DeadlineExceeded,
     DownloadError,
+    HostNotReady,
     SelfUpgradeError,
     SizeMismatch,
+    UnsafeURL,
+    UntrustedContent,
     disk_error,
 )
 from .models import Artifact
 from .transport.base import Fetcher
 from .verify.base import StreamCheck, Verifier
 
-__all__ = ["download_artifact"]
+__all__ = ["Fetched", "download_artifact"]
 
 log = logging.getLogger("selfupgrade.download")
 
@@ -166,15 +170,23 @@ def download_artifact(
     clock: Callable[[], float] = time.monotonic,
     on_verifying: Callable[[], None] | None = None,
     check_room: Callable[[int], None] | None = None,
-) -> int:
-    """Fetch ``artifact`` into the new file ``dest``, verify it, fsync it; return its size.
+) -> Fetched:
+    """Fetch ``artifact`` into the new file ``dest``, verify it, fsync it.
+
+    Its URLs (``artifact.urls``: ``url``, then the mirrors) are tried in order, within one
+    deadline. A transfer that fails midway goes on at the next URL from the byte where it
+    stopped (an HTTP ``Range`` request: the expected digest tells at the end whether the
+    pieces make the file); bytes that fail their size or digest check are thrown away, and the
+    next URL gives the whole file. A full disk, the deadline or an order the verifier refuses
+    end it at once.
 
     ``dest`` is created exclusively (mode 0600) and, when this raises, removed.
     ``check_room(size)`` is called with the size the artifact or its server announces, before
     its bytes (it raises ``InsufficientSpace`` when they cannot fit).
 
     Raises:
-        DownloadError: the fetch failed (``DeadlineExceeded`` when it was too slow).
+        DownloadError: the fetch failed at every URL (``DeadlineExceeded`` when it was too
+            slow); the message says what each URL did.
         SizeMismatch: more than ``max_bytes`` or the artifact's size, or fewer than its size.
         DigestMismatch: the bytes are not the expected ones.
         UnsafeURL: a redirect was refused.
@@ -202,38 +214,20 @@ def download_artifact(
         )
         if artifact.size is not None:
             sink.announce(artifact.size)
-        try:
-            fetcher.fetch(artifact.url, sink, deadline=deadline, max_bytes=cap)
-        except SelfUpgradeError:
-            raise
-        except Exception as exc:  # a plug-in's own failure: never let it escape unmapped
-            raise DownloadError(
-                f"GET {artifact.url} failed in the fetcher: {type(exc).__name__}: {exc}",
-                url=artifact.url,
-            ) from exc
-        sink.drain()
-        if artifact.size is not None and sink.received != artifact.size:
-            raise SizeMismatch(
-                f"{artifact.url} ended after {sink.received} of {artifact.size} bytes",
-                url=artifact.url,
-                expected=artifact.size,
-                actual=sink.received,
-            )
-        if on_verifying is not None:
-            on_verifying()
-        sink.check.finish()
+        fetched = _from_each_url(artifact, sink, fetcher, cap, deadline, on_verifying)
         try:
             os.fsync(fd)
         except OSError as exc:
             raise disk_error(exc, dest, "flushing the download to") from exc
         ok = True
         log.info(
-            "fetched %s (%d bytes, %s verified)",
-            artifact.url,
-            sink.received,
+            "fetched %s (%d bytes, %s verified)%s",
+            fetched.url,
+            fetched.size,
             artifact.digest.algorithm,
+            f"; resumed from {', '.join(fetched.resumed_from)}" if fetched.resumed_from else "",
         )
-        return sink.received
+        return fetched
     finally:
         if not ok and sink is not None:
             with contextlib.suppress(BaseException):
@@ -242,3 +236,83 @@ def download_artifact(
         if not ok:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(dest)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A download that succeeded: its size, the URL that gave its last bytes, and the URLs
+    that gave earlier bytes of it (``()`` when one URL gave it all)."""
+
+    size: int
+    url: str
+    resumed_from: tuple[str, ...] = ()
+
+
+def _from_each_url(
+    artifact: Artifact,
+    sink: _Sink,
+    fetcher: Fetcher,
+    cap: int,
+    deadline: float,
+    on_verifying: Callable[[], None] | None,
+) -> Fetched:
+    """Fill ``sink`` from ``artifact``'s URLs in turn until its bytes pass their checks."""
+    failures: list[str] = []
+    earlier: list[str] = []  # the URLs whose bytes are in the sink before this one's
+    urls = artifact.urls
+    for i, url in enumerate(urls):
+        last = i == len(urls) - 1
+        try:
+            _fetch(fetcher, url, sink, deadline, cap)
+            sink.drain()
+            if artifact.size is not None and sink.received != artifact.size:
+                raise SizeMismatch(
+                    f"{url} ended after {sink.received} of {artifact.size} bytes",
+                    url=url,
+                    expected=artifact.size,
+                    actual=sink.received,
+                )
+            if on_verifying is not None:
+                on_verifying()
+            sink.check.finish()
+            return Fetched(sink.received, url, tuple(earlier))
+        except (DeadlineExceeded, HostNotReady):
+            raise  # not the server's doing: another URL would not help
+        except (DownloadError, UntrustedContent, UnsafeURL) as exc:
+            failures.append(f"{url}: {exc}")
+            if last:
+                if len(urls) > 1 and isinstance(exc, DownloadError):
+                    raise DownloadError(
+                        f"every URL of the {artifact.role.value} artifact failed: "
+                        + "; ".join(failures),
+                        url=url,
+                        status_code=exc.status_code,
+                    ) from exc
+                if len(urls) > 1:
+                    log.warning("every URL failed: %s", "; ".join(failures))
+                raise
+            if isinstance(exc, UntrustedContent) or not sink.received:
+                sink.restart()  # bad bytes, or none: the next URL gives the whole file
+                earlier.clear()
+                log.warning("%s failed (%s); fetching %s instead", url, exc, urls[i + 1])
+            else:
+                earlier.append(url)
+                log.warning(
+                    "%s failed after %d bytes (%s); going on from there at %s",
+                    url,
+                    sink.received,
+                    exc,
+                    urls[i + 1],
+                )
+    raise AssertionError("unreachable: the last URL returns or raises")
+
+
+def _fetch(fetcher: Fetcher, url: str, sink: _Sink, deadline: float, cap: int) -> None:
+    try:
+        fetcher.fetch(url, sink, deadline=deadline, max_bytes=cap)
+    except SelfUpgradeError:
+        raise
+    except Exception as exc:  # a plug-in's own failure: never let it escape unmapped
+        raise DownloadError(
+            f"GET {url} failed in the fetcher: {type(exc).__name__}: {exc}", url=url
+        ) from exc

@@ -250,6 +250,8 @@ class Artifact:
         role: which of the three files this is.
         url: an http or https address.
         digest: the digest the bytes must have.
+        mirrors: more addresses of the same bytes, tried in order after ``url`` when a
+            download from it fails (a transfer cut off midway goes on from where it stopped).
         size: the exact size in bytes, when known (a download of another size is refused).
         target: a path relative to the install directory; ``None`` means the role's default.
         mode: the file mode to install with; ``None`` keeps the mode of the file it replaces.
@@ -264,10 +266,22 @@ class Artifact:
     size: int | None = None
     target: str | None = None
     mode: int | None = None
+    mirrors: tuple[str, ...] = ()
+
+    MAX_MIRRORS = 16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
         check_url(self.url)
+        if isinstance(self.mirrors, (str, bytes)) or not isinstance(self.mirrors, (tuple, list)):
+            raise ValueError(f"mirrors must be a list of URLs, got {self.mirrors!r}")
+        object.__setattr__(self, "mirrors", tuple(self.mirrors))
+        if len(self.mirrors) > self.MAX_MIRRORS:
+            raise ValueError(f"at most {self.MAX_MIRRORS} mirrors, got {len(self.mirrors)}")
+        for mirror in self.mirrors:
+            if not isinstance(mirror, str):
+                raise ValueError(f"mirrors must be URLs (strings), got {mirror!r}")
+            check_url(mirror)
         if self.size is not None and (
             isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0
         ):
@@ -280,6 +294,11 @@ class Artifact:
             or not 0 <= self.mode <= 0o777
         ):
             raise ValueError(f"mode must be between 0 and 0o777, got {self.mode!r}")
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """``url``, then the mirrors: where the bytes are, in the order to try them."""
+        return (self.url, *self.mirrors)
 
 
 @dataclass(frozen=True)
@@ -357,6 +376,7 @@ class UpgradeOrder:
                         "size": a.size,
                         "target": a.target,
                         "mode": a.mode,
+                        "mirrors": list(a.mirrors) or None,
                     }
                 )
                 for a in self.release.artifacts
@@ -397,6 +417,7 @@ class UpgradeOrder:
                     size=cast("int | None", spec.get("size")),
                     target=cast("str | None", spec.get("target")),
                     mode=cast("int | None", spec.get("mode")),
+                    mirrors=cast("tuple[str, ...]", spec.get("mirrors") or ()),
                 )
             )
         task_id = obj.get("task_id", "")
@@ -435,6 +456,8 @@ class Heartbeat:
         files: digests of the installed small files, ``{"cfg": {"md5": ..., "sha256": ...}}``,
             so that a config-only task can tell when it is done.
         confirmed: the running version has confirmed its health.
+        served_by: for the upgrade in progress, the URL each downloaded file came from
+            (``{"bin": url}``; an order's mirrors make it more than one choice).
         failures: how many attempts at ``failed_version`` failed so far; a server compares it
             with the count it saw when it admitted the host, to tell a new failure from the
             report of an old one.
@@ -461,6 +484,7 @@ class Heartbeat:
     files: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     confirmed: bool = True
     failures: int = 0
+    served_by: Mapping[str, str] = field(default_factory=dict)
     reports_state: bool = True
     process: str = ""
     source: str = ""
@@ -478,6 +502,7 @@ class Heartbeat:
             "files": {k: dict(v) for k, v in self.files.items()},
             "confirmed": self.confirmed,
             "failures": self.failures,
+            **({"served_by": dict(self.served_by)} if self.served_by else {}),
         }
 
     @classmethod
@@ -513,6 +538,7 @@ class Heartbeat:
         failures = obj.get("failures", 0)
         if isinstance(failures, bool) or not isinstance(failures, int) or not 0 <= failures < 2**31:
             raise ValueError("heartbeat.failures must be a non-negative integer")
+        served_by = _string_map(obj.get("served_by", {}), "heartbeat.served_by")
         return cls(
             host=host,
             version=parse_version(obj.get("version")),
@@ -524,6 +550,7 @@ class Heartbeat:
             files=files,
             confirmed=confirmed,
             failures=failures,
+            served_by={k: visible(v) for k, v in served_by.items()},
         )
 
 

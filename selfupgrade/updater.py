@@ -205,6 +205,7 @@ class Updater:
         self._failures: dict[str, FailureRecord] = {}
         self._on_trial = False
         self._installed = False  # new files are in place; this process is about to restart
+        self._served_by: dict[str, str] = {}  # role -> the URL its file came from, this attempt
         self._trial_deadline: float | None = None
         self._beat_ok = False
         self._started = False
@@ -253,6 +254,7 @@ class Updater:
                 files={r.value: d for r, d in self._installed_digests(_SMALL_ROLES).items()},
                 confirmed=not (self._on_trial or self._installed),
                 failures=self._failure_count(),
+                served_by=dict(self._served_by),
             )
 
     # ---- start-up --------------------------------------------------------------------------
@@ -468,6 +470,7 @@ class Updater:
     def _upgrade(self, order: UpgradeOrder) -> bool:
         with self._lock:
             self._task_id = order.task_id
+            self._served_by = {}
         self._set(UpgradeState.DOWNLOADING)
         log.info("upgrading %s -> %s (task %s)", self.version, order.version, order.task_id or "-")
         self._verifier.check_order(order, current=self.version)
@@ -477,7 +480,7 @@ class Updater:
         try:
             for artifact in order.release.artifacts:
                 path = self._installer.staging_path(targets[artifact.role])
-                download_artifact(
+                fetched = download_artifact(
                     artifact,
                     path,
                     fetcher=self._fetcher,
@@ -487,6 +490,8 @@ class Updater:
                     on_verifying=lambda: self._set(UpgradeState.VERIFYING),
                     check_room=functools.partial(self._room_for, targets[artifact.role]),
                 )
+                with self._lock:
+                    self._served_by[artifact.role.value] = fetched.url[:256]
                 staged.append(
                     StagedFile(artifact.role, targets[artifact.role], path, artifact.mode)
                 )

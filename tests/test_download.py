@@ -36,6 +36,7 @@ def _artifact(
 def _run(
     artifact: Artifact, dest: Path, fetcher: object, *, cap: int = 1 << 30, md5: bool = True
 ) -> int:
+    """The size of the download."""
     return download_artifact(
         artifact,
         dest,
@@ -43,7 +44,7 @@ def _run(
         verifier=DigestVerifier(allow_md5=md5),  # type: ignore[arg-type]
         max_bytes=cap,
         timeout_s=10,
-    )
+    ).size
 
 
 @pytest.mark.parametrize("algorithm", ["md5", "sha256", "sha512"])

@@ -8,6 +8,7 @@ also when the test fails (the harnesses are context managers).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -28,6 +29,7 @@ from selfupgrade.testing import (
     ServiceHarness,
     Supervisord,
     ToyRelease,
+    free_port,
     toy_release,
 )
 
@@ -95,6 +97,37 @@ def test_upgrade_under_systemd_like_harness(
     assert svc.starts >= 2
     status = TripleInstaller(host.state).status()
     assert (status.current_version, status.previous_version, status.pending) == ("1.1", "1.0", None)
+
+
+def test_an_order_with_mirrors_upgrades_from_one_that_works_and_says_which(
+    host: Host, artifact_server: ArtifactServer, control_server: ControlServer
+) -> None:
+    """Issue 15, point 1: each artifact's URL has nothing listening, its first mirror sends
+    other bytes, its second serves; the heartbeat before the restart names the second."""
+    publish(artifact_server, NEW)
+    down = f"http://127.0.0.1:{free_port()}"
+    with ArtifactServer() as liar:
+        publish(liar, NEW, **{r.value: Fault(wrong_bytes=True) for r in Role})
+        order = NEW.order(artifact_server.base_url, task_id="m1")
+        artifacts = tuple(
+            dataclasses.replace(
+                a,
+                url=a.url.replace(artifact_server.base_url, down),
+                mirrors=(a.url.replace(artifact_server.base_url, liar.base_url), a.url),
+            )
+            for a in order.release.artifacts
+        )
+        order = dataclasses.replace(
+            order, release=dataclasses.replace(order.release, artifacts=artifacts)
+        )
+        with ServiceHarness(host.command(), env=host.env(control_server), log_path=host.log):
+            control_server.wait_for_version("toy-1", "1.0", timeout_s=20)
+            control_server.publish(order)
+            control_server.wait_for_version("toy-1", "1.1", timeout_s=30)
+    said = [b.served_by for b in control_server.beats if b.served_by]
+    print(f"served_by in the beats: {said[-1:]}")
+    assert said and said[-1] == {a.role.value: a.mirrors[1] for a in artifacts}
+    assert host.triple() == dict(NEW.files)
 
 
 @pytest.mark.parametrize(

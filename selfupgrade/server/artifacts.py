@@ -61,17 +61,18 @@ class ArtifactCheck:
         self._clock = clock
 
     def check(self, release: Release, field_name: str = "release") -> None:
-        """Fetch every artifact of ``release``; return when each is as described.
+        """Fetch every artifact of ``release`` from each of its URLs (its mirrors too);
+        return when each gives the bytes described.
 
         Raises:
-            ArtifactUnavailable: for the first artifact that is not, with ``field_name`` as
-                the offending field of the request.
+            ArtifactUnavailable: for the first URL that does not, with ``field_name`` as the
+                offending field of the request.
         """
         for artifact in release.artifacts:
-            self._check_one(artifact, field_name)
+            for url in artifact.urls:
+                self._check_one(artifact, url, field_name)
 
-    def _check_one(self, artifact: Artifact, field_name: str) -> None:
-        url = artifact.url
+    def _check_one(self, artifact: Artifact, url: str, field_name: str) -> None:
 
         def refuse(what: str) -> ArtifactUnavailable:
             return ArtifactUnavailable(field_name, url, what)

@@ -66,6 +66,11 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "confirmed": {"type": "boolean"},
+            "served_by": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "role -> the URL its file came from, in the upgrade under way",
+            },
         },
     },
     "Artifact": {
@@ -77,6 +82,12 @@ _SCHEMAS: dict[str, Any] = {
             "size": {"type": "integer", "minimum": 0},
             "target": {"type": "string"},
             "mode": {"type": "integer", "minimum": 0, "maximum": 511},
+            "mirrors": {
+                "type": "array",
+                "items": {"type": "string", "format": "uri"},
+                "maxItems": 16,
+                "description": "more URLs of the same bytes, tried in order after url",
+            },
         },
     },
     "Release": {
