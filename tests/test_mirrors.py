@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from selfupgrade import Role
@@ -143,3 +144,88 @@ def test_hbs_checks_every_mirror_before_a_publish(mirrors: list[ArtifactServer])
         check.check(Release(parse_version("1.1"), (artifact([good.url("bin"), bad_url]),)))
     print(refused.value)
     assert bad_url in str(refused.value)
+
+
+# ---- hbs: a mirror per site, by the hosts' labels ------------------------------------------
+
+
+def _order_for(hbs_url: str, host: str, labels: dict[str, str]) -> dict[str, object]:
+    beat = {"host": host, "version": "1.0", "labels": labels}
+    reply = httpx.post(f"{hbs_url}/selfupgrade/v1/heartbeat", json=beat, timeout=10)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["order"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.real
+def test_hbs_gives_each_site_its_mirror_first_and_checks_every_one(
+    tmp_path: Path, mirrors: list[ArtifactServer]
+) -> None:
+    """A real hbs (``python -m selfupgrade.server``): the rollout's plan says that hosts of
+    dc=bj fetch from the bj mirror first; a host of dc=bj gets that URL first and the
+    release's after it, any other host the release's own. A plan whose mirror serves other
+    bytes is refused at publish, naming it, and nothing is published."""
+    from examples.fleet import Hbs
+
+    origin, bj, liar = mirrors
+    url = origin.add("bin_1.1", DATA)
+    bj_url = bj.add("bin_1.1", DATA)
+    release = {
+        "version": "1.1",
+        "artifacts": {"bin": {"url": url, "digest": str(artifact([url]).digest)}},
+    }
+    plan = {
+        "waves": [{"name": "all", "percent": 100, "max_in_flight": 10}],
+        "mirrors": [{"match": {"dc": "bj"}, "artifacts": {"bin": [bj_url]}}],
+    }
+    with Hbs(f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log", probation_s=0) as hbs:
+        for host, labels in (("bj-1", {"dc": "bj"}), ("sh-1", {"dc": "sh"})):
+            _order_for(hbs.url, host, labels)  # known before the rollout
+        bad_plan = {
+            **plan,
+            "mirrors": [
+                {
+                    "match": {"dc": "bj"},
+                    "artifacts": {
+                        "bin": [liar.add("bin_1.1", DATA, fault=Fault(wrong_bytes=True))]
+                    },
+                }
+            ],
+        }
+        refused = httpx.post(
+            f"{hbs.url}/selfupgrade/v1/rollouts",
+            json={"release": release, "plan": bad_plan},
+            timeout=30,
+        )
+        print(refused.status_code, refused.text[:300])
+        assert refused.status_code == 400 and liar.url("bin_1.1") in refused.text
+        assert hbs.status()["task"] is None
+        hbs.start_rollout({"release": release, "plan": plan})
+        bj_order = _order_for(hbs.url, "bj-1", {"dc": "bj"})
+        sh_order = _order_for(hbs.url, "sh-1", {"dc": "sh"})
+    bj_bin = bj_order["artifacts"]["bin"]  # type: ignore[index]
+    sh_bin = sh_order["artifacts"]["bin"]  # type: ignore[index]
+    print(f"bj-1 gets {bj_bin['url']} then {bj_bin.get('mirrors')}; sh-1 gets {sh_bin['url']}")
+    assert (bj_bin["url"], bj_bin["mirrors"]) == (bj_url, [url])
+    assert sh_bin["url"] == url and "mirrors" not in sh_bin
+
+
+def test_a_plan_with_a_bad_mirror_rule_names_the_field() -> None:
+    from selfupgrade.server._fields import FieldError
+    from selfupgrade.server.plan import Plan
+
+    waves = [{"name": "all", "percent": 100}]
+    for rules, field_name in (
+        ([{"match": {}, "artifacts": {"bin": ["http://m/b"]}}], "plan.mirrors[0].match"),
+        ([{"match": {"dc": "bj"}, "artifacts": {"exe": ["http://m/b"]}}], "artifacts.exe"),
+        ([{"match": {"dc": "bj"}, "artifacts": {"bin": ["ftp://m/b"]}}], "artifacts.bin"),
+        ([{"match": {"dc": "bj"}, "artifacts": {}}], "plan.mirrors[0].artifacts"),
+        ("http://m/b", "plan.mirrors"),
+    ):
+        with pytest.raises(FieldError) as refused:
+            Plan.from_json({"waves": waves, "mirrors": rules})
+        assert field_name in refused.value.field, (field_name, refused.value.field)
+    plan = Plan.from_json(
+        {"waves": waves, "mirrors": [{"match": {"dc": "bj"}, "artifacts": {"bin": ["http://m/b"]}}]}
+    )
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.mirror_rule({"dc": "bj", "rack": "1"}) == 0 and plan.mirror_rule({}) is None

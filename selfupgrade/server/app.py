@@ -634,20 +634,25 @@ _NO_ORDER = b'{"order":null}'
 
 
 class _OrderBytes:
-    """Encodes ``{"order": ...}`` for a reply; a rollout's order is encoded once."""
+    """Encodes ``{"order": ...}`` for a reply; a rollout's order is encoded once (once per
+    mirror rule of its plan)."""
 
     def __init__(self) -> None:
         self._task_id = ""
-        self._bytes = _NO_ORDER
+        self._bytes: dict[int | None, bytes] = {}
 
     def encode(self, reply: Reply) -> bytes:
         task = reply.task
         if task is None:
             return _NO_ORDER
         if task.id != self._task_id:
-            self._bytes = _json_bytes({"order": task.order().to_wire()})
+            self._bytes = {}
             self._task_id = task.id
-        return self._bytes
+        encoded = self._bytes.get(reply.mirror_rule)
+        if encoded is None:
+            encoded = _json_bytes({"order": task.order(reply.mirror_rule).to_wire()})
+            self._bytes[reply.mirror_rule] = encoded
+        return encoded
 
 
 def _json_bytes(body: object) -> bytes:

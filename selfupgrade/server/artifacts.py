@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import httpx
 
@@ -68,9 +68,22 @@ class ArtifactCheck:
             ArtifactUnavailable: for the first URL that does not, with ``field_name`` as the
                 offending field of the request.
         """
-        for artifact in release.artifacts:
-            for url in artifact.urls:
-                self._check_one(artifact, url, field_name)
+        self.check_all([release], field_name)
+
+    def check_all(self, releases: Sequence[Release], field_name: str = "release") -> None:
+        """:meth:`check` for each of ``releases`` (one release as different hosts get it),
+        each URL fetched once.
+
+        Raises:
+            ArtifactUnavailable: as :meth:`check`.
+        """
+        seen: set[tuple[str, str]] = set()
+        for release in releases:
+            for artifact in release.artifacts:
+                for url in artifact.urls:
+                    if (artifact.role.value, url) not in seen:
+                        seen.add((artifact.role.value, url))
+                        self._check_one(artifact, url, field_name)
 
     def _check_one(self, artifact: Artifact, url: str, field_name: str) -> None:
 

@@ -111,7 +111,7 @@ class Housekeeping(PlaneJob):
             return True
         self._checked = (task.id, now)
         try:
-            check.check(task.release)
+            check.check_all(task.sources())
         except ArtifactUnavailable as exc:
             reason = f"artifact check failed: {exc}".replace("; nothing was published", "")
             log.error("%s: pausing: %s", task.id, reason)

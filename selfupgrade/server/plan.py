@@ -10,7 +10,8 @@ A plan is data, read from JSON and validated on submit::
       ],
       "selector": {"dc": "bj"},
       "window": {"days": ["mon", "tue", "wed", "thu"], "start": "02:00", "end": "05:00",
-                 "tz": "Asia/Shanghai"}
+                 "tz": "Asia/Shanghai"},
+      "mirrors": [{"match": {"dc": "bj"}, "artifacts": {"bin": ["http://files.bj/bin_6.0.1"]}}]
     }
 
 Wave sizes are cumulative: ``hosts`` is a count of targeted hosts, ``percent`` a share of them
@@ -20,6 +21,8 @@ canary, also after an hbs restart, and different rollouts pick different ones. A
 hold ``max_in_flight`` upgrades at once; it is promoted once its hosts have confirmed the new
 version and ``bake_s`` has passed; its failure budget is ``max_failures`` failed attempts, or
 ``max_failure_ratio`` of its hosts, whichever is given (beyond it, the rollout halts).
+``mirrors`` gives some hosts (by their labels) download sources of their own: a mirror per
+site, tried before the release's URL and its mirrors.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..models import check_url
 from ._fields import FieldError
 
 __all__ = ["Plan", "Wave", "Window", "assign_waves", "host_rank"]
@@ -117,18 +121,50 @@ class Window:
 
 
 @dataclass(frozen=True)
+class MirrorRule:
+    """Download sources for some hosts: one mirror per site.
+
+    Attributes:
+        match: the hosts whose labels include all of these (``{"dc": "bj"}``).
+        artifacts: for each role, URLs of the same bytes that these hosts try first, before
+            the release's own URL and mirrors.
+    """
+
+    match: Mapping[str, str]
+    artifacts: Mapping[str, tuple[str, ...]]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object :meth:`Plan.from_json` reads."""
+        return {
+            "match": dict(self.match),
+            "artifacts": {r: list(u) for r, u in self.artifacts.items()},
+        }
+
+
+@dataclass(frozen=True)
 class Plan:
-    """Waves, targeting and window of a rollout.
+    """Waves, targeting, window and download sources of a rollout.
 
     Attributes:
         waves: in order; the last one usually reaches 100%.
         selector: only hosts whose labels include all of these take part.
         window: when set, no host is admitted outside it.
+        mirrors: the first rule a host's labels match puts its URLs first in the host's
+            order (the release's URL and mirrors follow); a host no rule matches gets the
+            release's.
     """
 
     waves: tuple[Wave, ...]
     selector: Mapping[str, str] = field(default_factory=dict)
     window: Window | None = None
+    mirrors: tuple[MirrorRule, ...] = ()
+
+    def mirror_rule(self, labels: Mapping[str, str]) -> int | None:
+        """The index of the first mirror rule a host with ``labels`` matches, if any."""
+        for i, rule in enumerate(self.mirrors):
+            if all(labels.get(k) == v for k, v in rule.match.items()):
+                return i
+        return None
 
     @classmethod
     def single(cls, max_in_flight: int, failure_limit: int) -> Plan:
@@ -162,11 +198,14 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object :meth:`from_json` reads."""
-        return {
+        out: dict[str, Any] = {
             "waves": [w.to_json() for w in self.waves],
             "selector": dict(self.selector),
             "window": self.window.to_json() if self.window else None,
         }
+        if self.mirrors:
+            out["mirrors"] = [rule.to_json() for rule in self.mirrors]
+        return out
 
     @classmethod
     def from_json(cls, data: object) -> Plan:
@@ -176,7 +215,7 @@ class Plan:
             FieldError: naming the field (``plan.waves[1].percent``, ``plan.window.tz``, ...).
         """
         obj = _mapping(data, "plan")
-        _no_unknown(obj, {"waves", "selector", "window"}, "plan")
+        _no_unknown(obj, {"waves", "selector", "window", "mirrors"}, "plan")
         raw_waves = obj.get("waves")
         if not isinstance(raw_waves, list) or not raw_waves:
             raise FieldError("plan.waves", "must be a non-empty list")
@@ -208,7 +247,51 @@ class Plan:
             waves=tuple(waves),
             selector=dict(selector_map),
             window=_window(_mapping(window, "plan.window")) if window is not None else None,
+            mirrors=_mirror_rules(obj.get("mirrors", [])),
         )
+
+
+_ROLES = ("bin", "cfg", "service")
+
+
+def _mirror_rules(raw: object) -> tuple[MirrorRule, ...]:
+    if not isinstance(raw, list):
+        raise FieldError("plan.mirrors", "must be a list of {match, artifacts}")
+    if len(raw) > 64:
+        raise FieldError("plan.mirrors", "at most 64 rules")
+    rules = []
+    for i, item in enumerate(raw):
+        name = f"plan.mirrors[{i}]"
+        obj = _mapping(item, name)
+        _no_unknown(obj, {"match", "artifacts"}, name)
+        match = _mapping(obj.get("match", {}), f"{name}.match")
+        if (
+            not match
+            or len(match) > 16
+            or not all(
+                isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 256
+                for k, v in match.items()
+            )
+        ):
+            raise FieldError(f"{name}.match", "must map 1 to 16 label names to strings")
+        artifacts = _mapping(obj.get("artifacts"), f"{name}.artifacts")
+        urls: dict[str, tuple[str, ...]] = {}
+        for role, listed in artifacts.items():
+            field_name = f"{name}.artifacts.{role}"
+            if role not in _ROLES:
+                raise FieldError(field_name, f"unknown role; the roles are {list(_ROLES)}")
+            if not isinstance(listed, list) or not 1 <= len(listed) <= 16:
+                raise FieldError(field_name, "must be a list of 1 to 16 URLs")
+            for url in listed:
+                try:
+                    check_url(url)
+                except ValueError as exc:
+                    raise FieldError(field_name, str(exc)) from None
+            urls[role] = tuple(listed)
+        if not urls:
+            raise FieldError(f"{name}.artifacts", "must give URLs for at least one role")
+        rules.append(MirrorRule(dict(match), urls))
+    return tuple(rules)
 
 
 def _wave(obj: Mapping[str, Any], name: str, index: int) -> Wave:

@@ -60,11 +60,12 @@ class Reply:
     task: Task | None = None
     error: str = ""
     refused: str = ""
+    mirror_rule: int | None = None
 
     @property
     def order(self) -> UpgradeOrder | None:
-        """The order to send, if any."""
-        return self.task.order() if self.task is not None else None
+        """The order to send, if any (with the host's own download sources first)."""
+        return self.task.order(self.mirror_rule) if self.task is not None else None
 
 
 NO_ORDER = Reply()
@@ -185,7 +186,9 @@ class ControlPlane:
                     self._cache.freed()
                 _log(task, beats[i], verdict)
                 if verdict.send:
-                    replies[i] = Reply(task)
+                    replies[i] = Reply(
+                        task, mirror_rule=task.effective_plan.mirror_rule(beats[i].labels)
+                    )
         return replies
 
     def _again(

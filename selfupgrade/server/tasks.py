@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from ..models import (
     FALCON_TYPES,
+    Artifact,
     Digest,
     Heartbeat,
     Release,
@@ -176,11 +177,28 @@ class Task:
         """The target version."""
         return self.release.version
 
-    def order(self) -> UpgradeOrder:
-        """The order sent to an admitted host."""
+    def sources(self) -> list[Release]:
+        """The release as each group of hosts gets it: with its own URLs, then with each
+        mirror rule's first (what the artifact check must fetch)."""
+        rules = range(len(self.effective_plan.mirrors))
+        return [self.release, *(self.order(i).release for i in rules)]
+
+    def order(self, mirror_rule: int | None = None) -> UpgradeOrder:
+        """The order sent to an admitted host; ``mirror_rule`` (the plan's
+        :meth:`~selfupgrade.server.plan.Plan.mirror_rule` for the host) puts that rule's URLs
+        first."""
         rollback = self.kind == "rollback"
+        release = self.release
+        if mirror_rule is not None:
+            first = self.effective_plan.mirrors[mirror_rule].artifacts
+            release = replace(
+                release,
+                artifacts=tuple(
+                    _sources_first(a, first.get(a.role.value, ())) for a in release.artifacts
+                ),
+            )
         return UpgradeOrder(
-            self.release,
+            release,
             task_id=self.id,
             allow_downgrade=self.allow_downgrade or rollback,
             rollback=rollback,
@@ -581,3 +599,11 @@ def seed_args(kind: int, wgeturl: str, version: str, bin_md5: str, cfg_md5: str)
         "binfile_md5": bin_md5,
         "cfgfile_md5": cfg_md5,
     }
+
+
+def _sources_first(artifact: Artifact, urls: tuple[str, ...]) -> Artifact:
+    """``artifact`` with ``urls`` tried before its own URL and mirrors (each URL once)."""
+    if not urls:
+        return artifact
+    ordered = list(dict.fromkeys((*urls, *artifact.urls)))
+    return replace(artifact, url=ordered[0], mirrors=tuple(ordered[1:]))
