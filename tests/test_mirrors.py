@@ -229,3 +229,23 @@ def test_a_plan_with_a_bad_mirror_rule_names_the_field() -> None:
     )
     assert Plan.from_json(plan.to_json()) == plan
     assert plan.mirror_rule({"dc": "bj", "rack": "1"}) == 0 and plan.mirror_rule({}) is None
+
+
+def test_the_operators_guide_example_is_a_valid_rollout() -> None:
+    """The guide's JSON, read as hbs reads a rollout: the dc=sh host gets its own mirror."""
+    import json
+    import re
+
+    from selfupgrade.server.rollouts import rollout_from_json
+    from selfupgrade.server.tasks import TaskLimits
+
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "operators-guide.md").read_text()
+    section = guide.split("## Mirrors", 1)[1].split("\n## ", 1)[0]
+    body = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))  # type: ignore[union-attr]
+    body["release"]["artifacts"]["bin"]["digest"] = "sha256:" + "0" * 64  # its "..." filled
+    task = rollout_from_json(body, TaskLimits(), now=0.0)
+    rule = task.effective_plan.mirror_rule({"dc": "sh"})
+    assert task.order(rule).release.artifacts[0].urls == (
+        "http://files.sh/bin_6.0.1",
+        "http://files/bin_6.0.1",
+    )
