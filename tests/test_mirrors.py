@@ -8,6 +8,7 @@ other bytes, one that drops the connection midway every time, one that serves.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,11 +203,32 @@ def test_hbs_gives_each_site_its_mirror_first_and_checks_every_one(
         hbs.start_rollout({"release": release, "plan": plan})
         bj_order = _order_for(hbs.url, "bj-1", {"dc": "bj"})
         sh_order = _order_for(hbs.url, "sh-1", {"dc": "sh"})
+        restarting = {
+            "host": "bj-1",
+            "version": "1.0",
+            "labels": {"dc": "bj"},
+            "state": "restarting",
+            "task_id": bj_order["task_id"],
+            "served_by": {"bin": bj_url},
+        }
+        httpx.post(f"{hbs.url}/selfupgrade/v1/heartbeat", json=restarting, timeout=10)
+        said = wait_for_line(hbs.log_path, "bj-1 restarts into 1.1")
     bj_bin = bj_order["artifacts"]["bin"]  # type: ignore[index]
     sh_bin = sh_order["artifacts"]["bin"]  # type: ignore[index]
     print(f"bj-1 gets {bj_bin['url']} then {bj_bin.get('mirrors')}; sh-1 gets {sh_bin['url']}")
     assert (bj_bin["url"], bj_bin["mirrors"]) == (bj_url, [url])
     assert sh_bin["url"] == url and "mirrors" not in sh_bin
+    assert f"fetched bin from {bj_url}" in said, said
+
+
+def wait_for_line(path: Path, text: str, timeout_s: float = 10) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = [x for x in path.read_text().splitlines() if text in x] if path.exists() else []
+        if lines:
+            return lines[-1]
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in {path}")
 
 
 def test_a_plan_with_a_bad_mirror_rule_names_the_field() -> None:

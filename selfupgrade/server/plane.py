@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..models import Heartbeat, UpgradeOrder
+from ..models import Heartbeat, UpgradeOrder, UpgradeState
 from . import rules
 from ._retry import TRIES
 from .admission import Admission
@@ -225,3 +225,6 @@ def _log(task: Task, beat: Heartbeat, verdict: Verdict) -> None:
         log.warning("%s failed an attempt at %s: %s", beat.host, task.id, verdict.decision.reason)
     elif action == Action.COMPLETE:
         log.info("%s finished %s", beat.host, task.id)
+    elif action == Action.RENEW and beat.state == UpgradeState.RESTARTING and beat.served_by:
+        sources = ", ".join(f"{role} from {url}" for role, url in sorted(beat.served_by.items()))
+        log.info("%s restarts into %s (%s): fetched %s", beat.host, task.version, task.id, sources)
