@@ -199,6 +199,7 @@ def test_hbs_gives_each_site_its_mirror_first_and_checks_every_one(
         )
         print(refused.status_code, refused.text[:300])
         assert refused.status_code == 400 and liar.url("bin_1.1") in refused.text
+        assert refused.json()["field"] == "plan.mirrors[0]"
         assert hbs.status()["task"] is None
         hbs.start_rollout({"release": release, "plan": plan})
         bj_order = _order_for(hbs.url, "bj-1", {"dc": "bj"})

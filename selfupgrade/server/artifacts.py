@@ -68,17 +68,18 @@ class ArtifactCheck:
             ArtifactUnavailable: for the first URL that does not, with ``field_name`` as the
                 offending field of the request.
         """
-        self.check_all([release], field_name)
+        self.check_all([(field_name, release)])
 
-    def check_all(self, releases: Sequence[Release], field_name: str = "release") -> None:
-        """:meth:`check` for each of ``releases`` (one release as different hosts get it),
-        each URL fetched once.
+    def check_all(self, releases: Sequence[tuple[str, Release]]) -> None:
+        """:meth:`check` for each ``(field_name, release)`` (one release as different hosts
+        get it), each URL fetched once.
 
         Raises:
-            ArtifactUnavailable: as :meth:`check`.
+            ArtifactUnavailable: as :meth:`check`, naming the field of the release in which
+                the URL first appears.
         """
         seen: set[tuple[str, str]] = set()
-        for release in releases:
+        for field_name, release in releases:
             for artifact in release.artifacts:
                 for url in artifact.urls:
                     if (artifact.role.value, url) not in seen:

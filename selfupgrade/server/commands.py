@@ -118,7 +118,7 @@ class Commands(PlaneJob):
                 task.version,
             )
             return
-        check.check_all(task.sources(), field_name)
+        check.check_all(task.sources(field_name))
 
     _RECENT = 20
 

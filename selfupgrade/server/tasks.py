@@ -177,11 +177,15 @@ class Task:
         """The target version."""
         return self.release.version
 
-    def sources(self) -> list[Release]:
-        """The release as each group of hosts gets it: with its own URLs, then with each
-        mirror rule's first (what the artifact check must fetch)."""
+    def sources(self, field_name: str = "release") -> list[tuple[str, Release]]:
+        """The release as each group of hosts gets it, with the request field that gave its
+        URLs: ``field_name`` for the release's own, ``plan.mirrors[i]`` for each mirror rule's
+        (what the artifact check must fetch)."""
         rules = range(len(self.effective_plan.mirrors))
-        return [self.release, *(self.order(i).release for i in rules)]
+        return [
+            (field_name, self.release),
+            *((f"plan.mirrors[{i}]", self.order(i).release) for i in rules),
+        ]
 
     def order(self, mirror_rule: int | None = None) -> UpgradeOrder:
         """The order sent to an admitted host; ``mirror_rule`` (the plan's
