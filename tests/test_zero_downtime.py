@@ -105,7 +105,7 @@ def test_twenty_upgrades_under_real_systemd_refuse_no_connection_and_fail_no_req
         assert int(state["NRestarts"]) >= UPGRADES
 
 
-def publish_a_bad_release(
+def under_a_bad_release(
     control: ControlServer,
     files: ArtifactServer,
     port: int,
@@ -113,7 +113,8 @@ def publish_a_bad_release(
     bad: ToyRelease,
     on_failure: Callable[[], str],
 ) -> LoadReport:
-    """Publish ``bad`` under load; wait until the daemon reports it failed, and 3 s more."""
+    """Publish ``bad`` under load; wait until the daemon reports it failed, and 3 s more;
+    the load's report from the publish on."""
     control.wait_for_version(HOST, old.version, timeout_s=60)
     for name, data in bad.files.items():
         files.add(bad.artifact_name(name), data)
@@ -141,6 +142,19 @@ def publish_a_bad_release(
         f"{bad.version} exits before ready: {failed.state.value} ({failed.error}); "
         f"under load: {report.summary()}; answered by {sorted(report.bodies)}"
     )
+    return report
+
+
+def publish_a_bad_release(
+    control: ControlServer,
+    files: ArtifactServer,
+    port: int,
+    old: ToyRelease,
+    bad: ToyRelease,
+    on_failure: Callable[[], str],
+) -> LoadReport:
+    """:func:`under_a_bad_release`, then: nothing refused or failed, only ``old`` answered."""
+    report = under_a_bad_release(control, files, port, old, bad, on_failure)
     assert report.refused == 0 and report.failed == 0, dict(report.errors)
     assert {body.split()[0] for body in report.bodies} == {old.version}
     return report
@@ -188,20 +202,7 @@ def test_by_exec_a_release_that_exits_before_ready_is_rolled_back_but_refuses_me
     old, bad = release("1.0"), release("1.1", starts=False)
     port = free_port()
     with running("exec", tmp_path, control, old, port) as httpd:
-        control.wait_for_version(HOST, old.version, timeout_s=60)
-        for role, data in bad.files.items():
-            files.add(bad.artifact_name(role), data)
-        with HttpLoad(port, rate=200, keep_alive=0.5, workers=8) as load:
-            time.sleep(0.5)
-            started = time.monotonic()
-            control.publish(bad.order(files.base_url))
-            control.wait_for(
-                lambda bs: any(b.host == HOST and str(b.failed_version) == bad.version for b in bs),
-                timeout_s=90,
-            )
-            control.publish(None)
-            time.sleep(2)
-            report = load.report(since=started)
+        report = under_a_bad_release(control, files, port, old, bad, httpd.log)
         log = httpd.log()
     print(f"exec, 1.1 exits before ready: rolled back; under load: {report.summary()}")
     assert (tmp_path / "opt" / PROGRAM).read_bytes() == next(iter(old.files.values())), log
