@@ -16,6 +16,7 @@ from selfupgrade import (
     InstallFailed,
     InsufficientSpace,
     OperatorNeeded,
+    RecoveryFailed,
     Role,
     StagedFile,
     TripleInstaller,
@@ -167,6 +168,27 @@ def test_a_failing_swap_is_undone(tmp_path: Path, install_dir: Path) -> None:
     assert files(install_dir) == dict(OLD.files)
     assert inst.status().current_version is None
     assert [p for p in install_dir.iterdir() if ".su-" in p.name] == []
+
+
+def test_a_failing_undo_says_so_with_both_causes(tmp_path: Path, install_dir: Path) -> None:
+    """Issue 12, point 5: when the undo of a failed swap fails too (the disk went read-only
+    in between), the error names both causes and the journal, not a bare ``OSError``."""
+
+    class FullThenReadOnly(System):
+        def checkpoint(self, step: str) -> None:
+            if step == "swap:cfg":
+                raise OSError(28, "No space left on device")
+            if step.startswith("restore:"):
+                raise OSError(30, "Read-only file system")
+
+    inst = TripleInstaller(tmp_path / "state", system=FullThenReadOnly())
+    staged = stage(inst, install_dir)
+    with pytest.raises(RecoveryFailed) as info:
+        inst.install("1.1", staged, from_version="1.0", confirm=ConfirmPolicy())
+    said = str(info.value)
+    print(said)
+    assert "No space left" in said and "undoing it failed too" in said
+    assert "Read-only file system" in said and "state.json" in said
 
 
 def test_preflight_refuses_a_directory_that_cannot_be_written(tmp_path: Path) -> None:
