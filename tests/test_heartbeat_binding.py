@@ -135,8 +135,10 @@ def test_made_up_names_can_neither_halt_a_rollout_nor_hold_its_slots(tmp_path: P
             f"failed {status['failed']}; real hosts ordered {real_orders} of 10"
         )
         assert orders == 0
-        assert fakes_kept == 100  # new_hosts_per_source
-        assert codes == {200: 200, 403: 3802}
+        # new_hosts_per_source (100), and what the bucket refilled while the flood ran
+        # (100 per 600 s: one more name for each 6 s the 4,002 requests took)
+        assert 100 <= fakes_kept <= 100 + int(took * 100 / 600) + 1
+        assert set(codes) <= {200, 403} and codes[200] <= 2 * fakes_kept
         assert status["status"] == "active"
         assert status["failed"] == 0 and status["failures"] == 0
         assert real_orders == 5  # every slot went to a real host
