@@ -155,13 +155,25 @@ def test_only_one_generation_of_backups_is_kept(tmp_path: Path, install_dir: Pat
     assert backups == sorted(toy_release("1.2").files.values())
 
 
-def test_a_failing_swap_is_undone(tmp_path: Path, install_dir: Path) -> None:
-    class DiskFull(System):
-        def checkpoint(self, step: str) -> None:
-            if step == "swap:cfg":
-                raise OSError(28, "No space left on device")
+class FailingAt(System):
+    """A system whose steps fail: each ``(prefix, error)`` raises ``error`` at the steps
+    whose name starts with ``prefix``."""
 
-    inst = TripleInstaller(tmp_path / "state", system=DiskFull())
+    def __init__(self, *faults: tuple[str, OSError]) -> None:
+        super().__init__()
+        self._faults = faults
+
+    def checkpoint(self, step: str) -> None:
+        for prefix, error in self._faults:
+            if step.startswith(prefix):
+                raise error
+
+
+DISK_FULL = OSError(28, "No space left on device")
+
+
+def test_a_failing_swap_is_undone(tmp_path: Path, install_dir: Path) -> None:
+    inst = TripleInstaller(tmp_path / "state", system=FailingAt(("swap:cfg", DISK_FULL)))
     staged = stage(inst, install_dir)
     with pytest.raises(InstallFailed, match="No space left"):
         inst.install("1.1", staged, from_version="1.0", confirm=ConfirmPolicy())
@@ -173,15 +185,9 @@ def test_a_failing_swap_is_undone(tmp_path: Path, install_dir: Path) -> None:
 def test_a_failing_undo_says_so_with_both_causes(tmp_path: Path, install_dir: Path) -> None:
     """Issue 12, point 5: when the undo of a failed swap fails too (the disk went read-only
     in between), the error names both causes and the journal, not a bare ``OSError``."""
-
-    class FullThenReadOnly(System):
-        def checkpoint(self, step: str) -> None:
-            if step == "swap:cfg":
-                raise OSError(28, "No space left on device")
-            if step.startswith("restore:"):
-                raise OSError(30, "Read-only file system")
-
-    inst = TripleInstaller(tmp_path / "state", system=FullThenReadOnly())
+    read_only = OSError(30, "Read-only file system")
+    system = FailingAt(("swap:cfg", DISK_FULL), ("restore:", read_only))
+    inst = TripleInstaller(tmp_path / "state", system=system)
     staged = stage(inst, install_dir)
     with pytest.raises(RecoveryFailed) as info:
         inst.install("1.1", staged, from_version="1.0", confirm=ConfirmPolicy())
