@@ -319,8 +319,14 @@ class _ServingInThread:
     loop, and the drain of a hand-off: stop accepting, wait ``accept_grace_s`` so that
     connections accepted a moment before have sent their request (the servers below end idle
     connections at once when they shut down, and a request on its way would meet a reset),
-    then the server's own graceful shutdown. Subclasses say how to serve, stop accepting and
-    shut down."""
+    then the server's own graceful shutdown. Subclasses say how to serve and shut down.
+
+    Accepting stops by taking the listening sockets out of the loop's selector, not by closing
+    the server: asyncio accepts a connection in one callback and makes its transport in a task
+    of the next loop iteration, and a server closed in between drops that connection without
+    a word (``Server._attach`` asserts that the server is open; the socket is left to the
+    garbage collector, and the client meets a reset a while later: 1 request in 4,000 under
+    300 requests/s, uvicorn and aiohttp alike). The server is closed by its own shutdown."""
 
     name = "server"
 
@@ -346,7 +352,13 @@ class _ServingInThread:
         raise NotImplementedError
 
     async def _stop_accepting(self) -> None:
-        raise NotImplementedError
+        loop = asyncio.get_running_loop()
+        for sock in self._sockets:
+            if not loop.remove_reader(sock.fileno()):
+                raise RuntimeError(
+                    f"{self.name}: its event loop ({type(loop).__name__}) does not accept "
+                    "through a reader on the listening socket; run it on asyncio's own loop"
+                )
 
     def _shut_down(self) -> None:
         raise NotImplementedError
@@ -406,10 +418,6 @@ class UvicornServing(_ServingInThread):
     def _started(self) -> bool:
         return bool(self.server.started)
 
-    async def _stop_accepting(self) -> None:
-        for listening in list(self.server.servers):
-            listening.close()
-
     def _shut_down(self) -> None:
         self.server.should_exit = True
 
@@ -440,7 +448,6 @@ class AiohttpServing(_ServingInThread):
         super().__init__(sockets, accept_grace_s)
         self.app = app
         self._shutdown_timeout = shutdown_timeout
-        self._sites: list[Any] = []
         self._serving = False
         self._stop: asyncio.Event | None = None
 
@@ -454,7 +461,6 @@ class AiohttpServing(_ServingInThread):
             for sock in self._sockets:
                 site = web.SockSite(runner, sock, shutdown_timeout=self._shutdown_timeout)
                 await site.start()
-                self._sites.append(site)
             self._serving = True
             await self._stop.wait()
         finally:
@@ -462,10 +468,6 @@ class AiohttpServing(_ServingInThread):
 
     def _started(self) -> bool:
         return self._serving
-
-    async def _stop_accepting(self) -> None:
-        for site in self._sites:
-            await site.stop()
 
     def _shut_down(self) -> None:
         if self._stop is not None:

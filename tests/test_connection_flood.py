@@ -98,11 +98,6 @@ def test_real_heartbeats_are_answered_through_a_flood_at_1024_files(tmp_path: Pa
         assert "Too many open files" not in hbs.log()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="not holding on a fresh machine (stop 22): hbs grew by 60-84 MB in 7 of 11 runs and "
-    "10-23 MB in 4, whatever the uvicorn version (0.46-0.55); cause not found; issue 11 open",
-)
 def test_readers_that_never_read_do_not_grow_hbs(tmp_path: Path) -> None:
     """Issue 11, point 3: 40 clients ask for ``/agentversions`` of 200,000 hosts and never
     read the answer; hbs's memory and a real heartbeat's answer time are measured."""

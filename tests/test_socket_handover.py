@@ -131,7 +131,9 @@ def test_ten_handovers_refuse_no_connection_and_fail_no_request(
         with HttpLoad(port, rate=300, keep_alive=0.5, workers=8) as load:
             time.sleep(0.5)
             started = time.monotonic()
+            kicks = []
             for generation in range(1, HANDOVERS + 1):
+                kicks.append(time.monotonic() - started)
                 os.kill(pids[-1], signal.SIGUSR1)
                 line = daemon.stdout.readline()
                 assert f"generation {generation} pid" in line, line
@@ -146,6 +148,12 @@ def test_ten_handovers_refuse_no_connection_and_fail_no_request(
         f"{server}, {HANDOVERS} hand-offs by {way} in {took:.1f} s, pids {sorted(set(pids))}: "
         f"{report.summary()} {dict(report.errors)}"
     )
+    lost = [r for r in report.requests if r.outcome != "ok"]
+    if lost:  # when and how, against the hand-offs' times, for whoever reads a failure
+        print(f"hand-offs at {[round(k, 2) for k in kicks]} s; not answered:")
+        for r in lost:
+            print(f"  at {r.start - started:.3f} s for {r.end - r.start:.3f} s, ", end="")
+            print(f"retried {r.retried}: {r.error}")
     assert left == []
     assert report.refused == 0 and report.failed == 0
     assert report.answered > 300 and any(b.startswith(f"{HANDOVERS} ") for b in report.bodies)
