@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from selfupgrade import Heartbeat, UpgradeState, parse_version
 
