@@ -4,6 +4,8 @@ well it predicts a real rollout of 50 agents.
 1. ``FleetSimulator(SimConfig())``: 100,000 hosts beating every minute, a canary, 25% and
    everyone (2000 upgrades at once, 5 min bakes), a 64 MiB artifact over a 1.25 GB/s server.
    Its wall time is printed beside the simulated time (how many times faster than real).
+   Then the same rollout with hbs pacing check-ins (``Pacing(rarely_s=600)``): heartbeats per
+   host per hour and the rollout's duration against the fixed one-minute interval.
 2. 50 real falcon agents under supervisord, a real hbs process, a three-wave plan (1 host,
    25%, everyone; 4 at once, 2 s bakes). The per-host upgrade time (admission to done, the
    median over the fleet, read from hbs's store) calibrates the simulator's ``restart_s``;
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import machine, report
 from examples.falcon_agent.build import build
 from examples.fleet import AGENT_CFG, Fleet, Hbs, serve_release
+from selfupgrade.server.pacing import Pacing
 from selfupgrade.server.plan import Plan
 from selfupgrade.testing import ArtifactServer
 from selfupgrade.testing.simulator import FleetSimulator, SimConfig
@@ -55,6 +58,32 @@ def large() -> None:
         f"{result.duration_s / result.wall_s:,.0f} times faster than real time"
     )
     report("simulator: 100,000 hosts, three waves, wall time", result.wall_s, "s", target="<= 60 s")
+
+
+def paced(rarely_s: float) -> None:
+    """Issue 15, point 4: the same 100,000-host rollout with hbs pacing check-ins."""
+    fixed = FleetSimulator(SimConfig()).run()
+    result = FleetSimulator(SimConfig(pacing=Pacing(rarely_s=rarely_s))).run()
+    print(f"paced (rarely {rarely_s:g} s): {result.summary()}")
+    report(
+        "paced check-ins: heartbeats per host per hour",
+        result.per_host_hour,
+        "",
+        ref=fixed.per_host_hour,
+        ref_name="a fixed 60 s interval",
+        target="<= 0.20x (5 times fewer)",
+    )
+    report(
+        "paced check-ins: rollout duration",
+        result.duration_s / 60,
+        "min",
+        ref=fixed.duration_s / 60,
+        ref_name="a fixed 60 s interval",
+        target="<= 1.05x",
+    )
+    canary = result.waves[0][2]
+    if canary is not None:
+        print(f"  of which the canary's first check-in after the publish: {canary / 60:.1f} min")
 
 
 def wait(what: str, check: Any, timeout_s: float) -> None:
@@ -145,11 +174,15 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true", help="only the 100,000-host run")
     parser.add_argument("--skip-large", action="store_true", help="only the real rollout")
     parser.add_argument("--agents", type=int, default=AGENTS, help=f"real agents ({AGENTS})")
+    parser.add_argument(
+        "--pace-rarely-s", type=float, default=600.0, help="the paced run's rarely_s (600)"
+    )
     args = parser.parse_args()
     agents = args.agents
     print(f"machine: {machine()}")
     if not args.skip_large:
         large()
+        paced(args.pace_rarely_s)
     if args.skip_real:
         return
     with tempfile.TemporaryDirectory(prefix="su-bench-sim-") as d:

@@ -18,6 +18,7 @@ __all__ = [
     "full_jitter",
     "jittered_interval",
     "order_applies",
+    "paced_interval",
     "retry_allowed_at",
 ]
 
@@ -39,6 +40,18 @@ def jittered_interval(interval_s: float, jitter: float, uniform: float) -> float
     """
     jitter = min(max(jitter, 0.0), 1.0)
     return interval_s * (1.0 - jitter + 2.0 * jitter * min(max(uniform, 0.0), 1.0))
+
+
+PACED_MAX_FACTOR = 15.0
+"""An agent's default longest wait at its server's request, in heartbeat intervals."""
+
+
+def paced_interval(asked_s: float, interval_s: float, paced_max_s: float | None) -> float:
+    """The wait until the next heartbeat when the server asked for ``asked_s``: never less
+    than the agent's own ``interval_s``, never more than ``paced_max_s`` (``None``:
+    :data:`PACED_MAX_FACTOR` intervals)."""
+    longest = paced_max_s if paced_max_s is not None else PACED_MAX_FACTOR * interval_s
+    return min(max(asked_s, interval_s), longest)
 
 
 def order_applies(

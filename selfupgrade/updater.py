@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import random
 import threading
@@ -51,10 +52,16 @@ from .models import (
     check_relative_target,
     parse_version,
 )
-from .policy import FailureRecord, jittered_interval, order_applies, retry_allowed_at
+from .policy import (
+    FailureRecord,
+    jittered_interval,
+    order_applies,
+    paced_interval,
+    retry_allowed_at,
+)
 from .restart.base import Restarter
 from .restart.systemd import ready_or_unsupervised
-from .transport.base import Fetcher, Transport
+from .transport.base import Fetcher, PacedTransport, Transport
 from .transport.http import HttpFetcher
 from .verify.base import Verifier
 from .verify.digest import DigestVerifier
@@ -136,6 +143,11 @@ class UpdaterConfig:
         failure_backoff_cap_s: the longest such wait.
         confirm: how a new version must prove itself after the restart.
         confirm_poll_s: how often the health check runs while a version is on trial.
+        paced_max_s: the longest wait between heartbeats this agent accepts when its server
+            asks for one (:class:`~selfupgrade.transport.PacedTransport`); it never waits
+            less than ``interval_s`` at a server's request
+            (:func:`~selfupgrade.policy.paced_interval`). ``None``: 15 times ``interval_s``;
+            equal to ``interval_s``: the server's pace is ignored.
     """
 
     host: str
@@ -148,6 +160,14 @@ class UpdaterConfig:
     failure_backoff_cap_s: float = 3600.0
     confirm: ConfirmPolicy = field(default_factory=ConfirmPolicy)
     confirm_poll_s: float = 1.0
+    paced_max_s: float | None = None
+
+    def __post_init__(self) -> None:
+        limit = self.paced_max_s
+        if limit is not None and not (math.isfinite(limit) and limit >= self.interval_s):
+            raise ValueError(
+                f"paced_max_s: must be at least interval_s ({self.interval_s} s), got {limit!r}"
+            )
 
 
 class Updater:
@@ -329,7 +349,16 @@ class Updater:
             return min(self.config.confirm_poll_s, self.config.interval_s)
         if order is not None:
             self._consider(order)
-        return jittered_interval(self.config.interval_s, self.config.jitter, self._uniform())
+        return self._next_beat_in()
+
+    def _next_beat_in(self) -> float:
+        """The wait until the next heartbeat: the server's, when it asked for one and no
+        upgrade is under way, within ``interval_s`` and ``paced_max_s``; else the own one."""
+        c = self.config
+        asked = self._transport.next_beat_s if isinstance(self._transport, PacedTransport) else None
+        if asked is None or self._state not in (UpgradeState.IDLE, UpgradeState.FAILED):
+            return jittered_interval(c.interval_s, c.jitter, self._uniform())
+        return paced_interval(asked, c.interval_s, c.paced_max_s)
 
     def _advance_trial(self) -> None:
         healthy = False

@@ -115,7 +115,7 @@ class GoFleet:
             "heartbeat": {
                 "enabled": True,
                 "addr": f"127.0.0.1:{self.rpc_port}",
-                "interval": 5,
+                "interval": 2,
                 "timeout": 1000,
             },
             "plugin": {"enabled": False},

@@ -65,14 +65,24 @@ def serve_new(
     }
 
 
+@pytest.mark.parametrize("pace_rarely_s", [0, 30], ids=["fixed", "paced"])
 def test_real_agents_upgrade_never_more_than_the_queue_at_once(
-    tmp_path: Path, artifact_server: ArtifactServer, go_fleet: Any
+    tmp_path: Path, artifact_server: ArtifactServer, go_fleet: Any, pace_rarely_s: int
 ) -> None:
+    """Also with hbs pacing check-ins (issue 15, point 4): the Go agent's JSON-RPC replies
+    carry no pace, so its heartbeats and its upgrade are the same."""
     binaries = build_agents(OLD, NEW)
     new = binaries[NEW].read_bytes()
     body = serve_new(artifact_server, new)
     db = tmp_path / "hbs.db"
-    with Hbs(f"sqlite:{db}", tmp_path / "hbs.log", rpc=True, queue=2, lease_s=60) as hbs:
+    with Hbs(
+        f"sqlite:{db}",
+        tmp_path / "hbs.log",
+        rpc=True,
+        queue=2,
+        lease_s=60,
+        pace_rarely_s=pace_rarely_s,
+    ) as hbs:
         assert hbs.rpc_port is not None
         with go_fleet(tmp_path, 5, binaries[OLD], hbs.rpc_port) as fleet:
             wait_until("5 agents on 6.1.0", lambda: on_old(hbs), explain=hbs.log)

@@ -634,14 +634,20 @@ _NO_ORDER = b'{"order":null}'
 
 
 class _OrderBytes:
-    """Encodes ``{"order": ...}`` for a reply; a rollout's order is encoded once (once per
-    mirror rule of its plan)."""
+    """Encodes ``{"order": ...}`` for a reply, with ``"next_beat_s"`` when the plane paces
+    check-ins; a rollout's order is encoded once (once per mirror rule of its plan)."""
 
     def __init__(self) -> None:
         self._task_id = ""
         self._bytes: dict[int | None, bytes] = {}
 
     def encode(self, reply: Reply) -> bytes:
+        encoded = self._order(reply)
+        if reply.next_beat_s is None:
+            return encoded
+        return b'%s,"next_beat_s":%.1f}' % (encoded[:-1], reply.next_beat_s)
+
+    def _order(self, reply: Reply) -> bytes:
         task = reply.task
         if task is None:
             return _NO_ORDER

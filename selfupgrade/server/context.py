@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .artifacts import ArtifactCheck
 from .fleet import FleetView
+from .pacing import Pacing
 from .stores.base import Store
 from .tasks import RolloutState, Task, TaskLimits
 
@@ -53,6 +54,9 @@ class PlaneConfig:
         deaf_after_s: when housekeeping last completed longer ago than this (the store
             failed or stalled, hbs was stopped or paused), hbs could not hear anyone meanwhile:
             leases that ran out in that time are renewed, not failed.
+        pacing: tell each host in its heartbeat reply when to beat next
+            (:mod:`~selfupgrade.server.pacing`); ``None``: say nothing, hosts beat at their
+            own interval.
     """
 
     limits: TaskLimits = field(default_factory=TaskLimits)
@@ -67,6 +71,7 @@ class PlaneConfig:
     new_hosts_per_source: int = 100
     new_hosts_window_s: float = 600.0
     host_ttl_s: float = 14 * 86400.0
+    pacing: Pacing | None = None
 
     def __post_init__(self) -> None:
         count = self.new_hosts_per_source

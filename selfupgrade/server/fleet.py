@@ -117,6 +117,12 @@ class FleetView:
         """How many hosts the view holds."""
         return len(self._seen)
 
+    def interval(self, host: str) -> float | None:
+        """The host's heartbeat interval as this process measured it, from one gap on
+        (``None``: heard fewer than twice)."""
+        interval = self._interval.get(host)
+        return abs(interval) if interval is not None else None
+
     def known(self, host: str) -> HostSeen | None:
         """The host's last heartbeat as this process holds it (``None``: not heard of)."""
         return self._seen.get(host)

@@ -34,6 +34,7 @@ from .batch import HeartbeatBatcher
 from .context import PlaneConfig
 from .falcon_rpc import serve_falcon_rpc
 from .http_limits import BoundedHttpToolsProtocol
+from .pacing import Pacing
 from .plane import ControlPlane
 from .stores import StoreError, open_store
 from .tasks import TaskLimits
@@ -68,6 +69,11 @@ configuration (cfg.json keys; a flag overrides its key):
   new_hosts_window_s                                per window (0: no limit); a name is bound
                                                     to the address first heard from
   host_ttl_days                --host-ttl-days D    forget hosts silent for D days
+  pace_rarely_s                --pace-rarely-s S    tell hosts in each reply when to beat next: in
+                                                    S seconds when they have nothing to do soon
+                                                    (0: off, hosts beat at their own interval)
+  pace_idle_s                  --pace-idle-s S      ... and in S seconds while no rollout is
+                                                    under way (a new one reaches them that soon)
   admin_token                  --admin-token-file F admin routes also need 'Bearer T' (also
                                                     $HBS_ADMIN_TOKEN, or --admin-token T)
   tokens                                            {"<token>": "read"|"write"} scoped tokens
@@ -140,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--max-hosts", type=int)
     parser.add_argument("--new-hosts-per-source", type=int)
     parser.add_argument("--host-ttl-days", type=float)
+    parser.add_argument("--pace-rarely-s", type=float)
+    parser.add_argument("--pace-idle-s", type=float)
     parser.add_argument(
         "--admin-token",
         help="a write-scope token for admin routes (visible to local users in ps; prefer "
@@ -203,6 +211,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
             new_hosts_per_source=int(pick(args.new_hosts_per_source, "new_hosts_per_source")),
             new_hosts_window_s=float(cfg["new_hosts_window_s"]),
             host_ttl_s=float(pick(args.host_ttl_days, "host_ttl_days")) * 86400,
+            pacing=_pacing(
+                float(pick(args.pace_rarely_s, "pace_rarely_s")),
+                float(pick(args.pace_idle_s, "pace_idle_s")),
+            ),
         )
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"hbs: invalid setting {exc}") from None
@@ -226,6 +238,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
         log_level=pick(args.log_level, "log_level"),
         tls=_tls(args, cfg),
     )
+
+
+def _pacing(rarely_s: float, idle_s: float) -> Pacing | None:
+    if rarely_s == 0:
+        return None
+    try:
+        return Pacing(rarely_s=rarely_s, idle_s=idle_s)
+    except ValueError as exc:
+        raise ValueError(
+            f"pace_rarely_s, pace_idle_s: {exc} (pace_rarely_s 0: no pacing)"
+        ) from None
 
 
 def _secret(args: argparse.Namespace, key: str, cfg: dict[str, Any]) -> str:

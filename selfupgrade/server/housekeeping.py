@@ -152,6 +152,10 @@ class Housekeeping(PlaneJob):
                 count += 1
         return count
 
+    def _is_lost(self, task: Task, last: float | None, host: str, now: float) -> bool:
+        lost_after = self._config.lost_after_leases
+        return rules.is_lost(task, last, now, lost_after, self._fleet.interval(host))
+
     def _lost(self, task: Task, rollout: RolloutState, now: float) -> int:
         """Members of the current wave that have not settled and stopped heartbeating.
 
@@ -175,14 +179,10 @@ class Housekeeping(PlaneJob):
                 for host, w in self._store.members(task.id).items()
                 if w == wave
                 and host not in settled
-                and rules.is_lost(task, last.get(host), now, self._config.lost_after_leases)
+                and self._is_lost(task, last.get(host), host, now)
             ]
             self._silent = (task.id, wave, now, silent)
-        still = [
-            h
-            for h in silent
-            if rules.is_lost(task, last.get(h), now, self._config.lost_after_leases)
-        ]
+        still = [h for h in silent if self._is_lost(task, last.get(h), h, now)]
         if not still:
             return 0
         return sum(1 for r in self._store.read(task.id, still) if not rules.settled(r.progress))

@@ -119,7 +119,15 @@ _SCHEMAS: dict[str, Any] = {
     "HeartbeatReply": {
         "type": "object",
         "required": ["order"],
-        "properties": {"order": {"allOf": [_ref("Order")], "nullable": True}},
+        "properties": {
+            "order": {"allOf": [_ref("Order")], "nullable": True},
+            "next_beat_s": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "description": "When to beat next, in seconds (only when hbs paces "
+                "check-ins); without it, at the agent's own interval.",
+            },
+        },
     },
     "SeedUpgrade": {
         "type": "object",

@@ -22,9 +22,10 @@ thread with a deadline.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..models import Heartbeat, UpgradeOrder, UpgradeState
 from . import rules
@@ -35,9 +36,10 @@ from .context import PlaneConfig, PlaneContext, RolloutCache
 from .effects import Outcome
 from .fleet import FleetView
 from .housekeeping import Housekeeping
+from .pacing import Pacer
 from .rules import Action, Verdict
 from .stores.base import Store, StoreError
-from .tasks import Task
+from .tasks import HostRead, RolloutState, Task
 from .views import Views
 
 __all__ = ["ControlPlane", "PlaneConfig", "Reply"]
@@ -55,12 +57,16 @@ class Reply:
             host gets no order and asks again at its next heartbeat.
         refused: why the heartbeat was not listened to at all (not recorded, no order; see
             :mod:`~selfupgrade.server.admission`); ``""``: it was.
+        mirror_rule: which of the plan's download-source rules the host's labels matched.
+        next_beat_s: when the host should beat next (:mod:`~selfupgrade.server.pacing`);
+            ``None``: at its own interval.
     """
 
     task: Task | None = None
     error: str = ""
     refused: str = ""
     mirror_rule: int | None = None
+    next_beat_s: float | None = None
 
     @property
     def order(self) -> UpgradeOrder | None:
@@ -78,6 +84,7 @@ class ControlPlane:
         store: where rollouts, leases and the fleet view live.
         config: limits and caching.
         clock: wall-clock time (the simulator passes a virtual one).
+        uniform: random numbers in [0, 1), for the jitter of paced check-ins.
 
     Attributes:
         fleet: the fleet view.
@@ -92,10 +99,13 @@ class ControlPlane:
         config: PlaneConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        uniform: Callable[[], float] = random.random,
     ) -> None:
         self.config = config = config or PlaneConfig()
         self._store = store
         self._clock = clock
+        self._uniform = uniform
+        self._pacer = Pacer(config.pacing) if config.pacing is not None else None
         self._cache = RolloutCache(store, config.task_cache_s)
         self.fleet = FleetView(store, config.seen_save_s, clock)
         self.admission = Admission(
@@ -129,8 +139,10 @@ class ControlPlane:
         try:
             current = self._cache.get(now)
             if current is None:
-                return [NO_ORDER] * len(beats)
+                return self._paced([NO_ORDER] * len(beats), None, None, None)
             task, rollout = current
+            if self._pacer is not None:
+                self._pacer.observe(task.id, rollout, now)
             reads = self._store.read(task.id, [b.host for b in beats])
             free = now >= self._cache.full_until
             verdicts = [
@@ -146,7 +158,8 @@ class ControlPlane:
                 )
                 for b, r, g in zip(beats, reads, intervals, strict=True)
             ]
-            return self._commit(task, beats, verdicts, now, intervals)
+            replies, actions = self._commit(task, beats, verdicts, now, intervals)
+            return self._paced(replies, rollout, reads, actions, task, now)
         except StoreError as exc:
             log.error("store failed; answering no order: %s", exc)
             return [Reply(error=f"store failed: {exc}")] * len(beats)
@@ -156,6 +169,37 @@ class ControlPlane:
         kept = [b for b, why in zip(beats, refusals, strict=True) if not why]
         answers = iter(self.answer(kept) if kept else [])
         return [Reply(refused=why) if why else next(answers) for why in refusals]
+
+    def _paced(
+        self,
+        replies: list[Reply],
+        rollout: RolloutState | None,
+        reads: Sequence[HostRead] | None,
+        actions: Sequence[Action] | None,
+        task: Task | None = None,
+        now: float = 0.0,
+    ) -> list[Reply]:
+        """``replies`` with when each host should beat next, when check-ins are paced."""
+        pacer = self._pacer
+        if pacer is None:
+            return replies
+        bake_s = 0.0
+        if task is not None and rollout is not None:
+            waves = task.effective_plan.waves
+            bake_s = waves[rollout.wave].bake_s if rollout.wave < len(waves) else 0.0
+        out = []
+        for i, reply in enumerate(replies):
+            wait = pacer.advise(
+                rollout,
+                reads[i] if reads is not None else None,
+                actions[i] if actions is not None else Action.NOTHING,
+                reply.task is not None,
+                self._uniform(),
+                bake_s=bake_s,
+                now=now,
+            )
+            out.append(reply if wait is None else replace(reply, next_beat_s=wait))
+        return out
 
     def _since(self, host: str) -> float | None:
         seen = self.fleet.known(host)
@@ -168,8 +212,10 @@ class ControlPlane:
         verdicts: list[Verdict],
         now: float,
         intervals: Sequence[float | None],
-    ) -> list[Reply]:
+    ) -> tuple[list[Reply], list[Action]]:
+        """Commit the verdicts; return the replies and what each heartbeat finally meant."""
         replies = [NO_ORDER] * len(beats)
+        actions = [v.decision.action for v in verdicts]
         pending = [(i, v.commit) for i, v in enumerate(verdicts) if v.commit is not None]
         outcomes = self._store.commit([commit for _, commit in pending])
         for (i, _), first in zip(pending, outcomes, strict=True):
@@ -179,6 +225,7 @@ class ControlPlane:
                 if outcome != Outcome.STALE:
                     break
                 verdict, outcome = self._again(task, beats[i], now, intervals[i])
+            actions[i] = verdict.decision.action
             if outcome == Outcome.FULL and self.config.full_backoff_s:
                 self._cache.full_until = now + self.config.full_backoff_s
             if outcome == Outcome.OK:
@@ -189,7 +236,7 @@ class ControlPlane:
                     replies[i] = Reply(
                         task, mirror_rule=task.effective_plan.mirror_rule(beats[i].labels)
                     )
-        return replies
+        return replies, actions
 
     def _again(
         self, task: Task, beat: Heartbeat, now: float, interval: float | None

@@ -557,10 +557,19 @@ def settled(progress: HostProgress | None) -> bool:
     return progress is not None and progress.state in (HostState.DONE, HostState.FAILED)
 
 
-def is_lost(task: Task, last_seen: float | None, now: float, lost_after_leases: float) -> bool:
+def is_lost(
+    task: Task,
+    last_seen: float | None,
+    now: float,
+    lost_after_leases: float,
+    interval_s: float | None = None,
+) -> bool:
     """Whether a host that has not settled counts as lost: silent for ``lost_after_leases``
-    lease times (its wave can then settle without it)."""
-    return last_seen is None or now - last_seen > lost_after_leases * task.limits.lease_s
+    lease times, or as many of its own heartbeat intervals (``interval_s``, as measured)
+    when they are longer (a host paced to beat rarely is not lost); its wave can then settle
+    without it."""
+    period = max(task.limits.lease_s, interval_s or 0.0)
+    return last_seen is None or now - last_seen > lost_after_leases * period
 
 
 @dataclass(frozen=True)

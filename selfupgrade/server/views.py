@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,8 +167,10 @@ def detail_view(
     last_beats: Mapping[str, float],
     now: float,
     lost_after_leases: float,
+    interval: Callable[[str], float | None] = lambda host: None,
 ) -> dict[str, Any]:
-    """``GET /selfupgrade/v1/rollouts/<id>``: waves with counts by state, failures, ETA."""
+    """``GET /selfupgrade/v1/rollouts/<id>``: waves with counts by state, failures, ETA
+    (``interval``: a host's heartbeat interval as measured, for whether it is lost)."""
     plan = task.effective_plan
     states: list[Counter[str]] = [Counter() for _ in plan.waves]
     hosts: dict[str, dict[str, Any]] = {}
@@ -177,7 +179,8 @@ def detail_view(
         s = seen.get(host)
         at = max(last_beats.get(host, -math.inf), s.seen_at if s else -math.inf)
         p = progress.get(host)
-        lost = rules.is_lost(task, at if at > -math.inf else None, now, lost_after_leases)
+        last = at if at > -math.inf else None
+        lost = rules.is_lost(task, last, now, lost_after_leases, interval(host))
         state = display_state(p, s, lost)
         states[index][state] += 1
         if len(hosts) < 2000:
@@ -300,6 +303,7 @@ class Views(PlaneJob):
             self._fleet.last_beats(),
             now,
             self._config.lost_after_leases,
+            self._fleet.interval,
         )
 
     def bad_versions(self) -> dict[str, str]:

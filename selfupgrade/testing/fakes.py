@@ -29,11 +29,14 @@ __all__ = [
 class FakeTransport:
     """Answers every heartbeat with :attr:`order` (``None`` by default) and records the beats.
 
-    Set :attr:`fail_with` to an exception to make the next beats raise it.
+    Set :attr:`fail_with` to an exception to make the next beats raise it, and
+    :attr:`next_beat_s` to play a server that paces check-ins
+    (:class:`~selfupgrade.transport.PacedTransport`).
     """
 
     def __init__(self, order: UpgradeOrder | None = None) -> None:
         self.order = order
+        self.next_beat_s: float | None = None
         self.beats: list[Heartbeat] = []
         self.fail_with: Exception | None = None
         self.closed = False

@@ -19,7 +19,10 @@ What is simulated, and how:
   on its next heartbeat (``confirm_s`` later);
 * ``fail_fraction`` of the hosts fail their upgrade (reported like an agent reports a bad
   download), ``vanish_fraction`` stop heartbeating at a random moment;
-* the plane's housekeeping (lease expiry, promotion) runs every ``tick_s``.
+* the plane's housekeeping (lease expiry, promotion) runs every ``tick_s``;
+* with ``pacing``, hbs paces check-ins (:mod:`~selfupgrade.server.pacing`): every host beats
+  when its last reply asked, within the library agent's default bounds
+  (:func:`~selfupgrade.policy.paced_interval`), or at ``interval_s`` when it asked nothing.
 
 Heartbeats that could not change anything are skipped: hosts of waves that have not started
 sleep until their wave starts (they are then recorded as seen, as their heartbeats would have
@@ -32,6 +35,11 @@ rollout's status wakes every parked host. This is equivalent in distribution to 
 each of their heartbeats, which the core would all answer "nothing", and makes a 100,000-host
 rollout ten times cheaper; ``park_waiting=False`` simulates every heartbeat. Everything else
 (admission, leases, back-off, budgets, bake times, lost hosts) is the real code.
+
+With ``pacing`` nothing is skipped: every heartbeat of every host, from publication to the
+end, is simulated and counted, since what the server answers decides when the next one comes.
+Without it, the heartbeats the fleet sent are counted as each live host's time over
+``interval_s`` (what fixed intervals send), whichever of them were simulated.
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..models import Heartbeat, UpgradeState, parse_version
+from ..policy import paced_interval
 from ..server import rules
+from ..server.pacing import Pacing
 from ..server.plan import Plan
 from ..server.plane import ControlPlane, PlaneConfig
 from ..server.stores.memory import MemoryStore
@@ -95,7 +105,9 @@ class SimConfig:
         tick_s: how often the plane's housekeeping runs.
         step_s: time step of the download model.
         max_virtual_s: give up after this much simulated time.
-        park_waiting: park hosts refused for want of a slot (see the module docstring).
+        park_waiting: park hosts refused for want of a slot (see the module docstring);
+            not with ``pacing``.
+        pacing: hbs paces check-ins; ``None``: every host beats every ``interval_s``.
         seed: random seed (the same seed gives the same run).
     """
 
@@ -119,6 +131,7 @@ class SimConfig:
     step_s: float = 2.0
     max_virtual_s: float = 7 * 86400.0
     park_waiting: bool = True
+    pacing: Pacing | None = None
     seed: int = 1
 
 
@@ -135,6 +148,9 @@ class SimResult:
         done, failed, failures: as the control plane counted them.
         heartbeats: heartbeats the plane answered.
         wall_s: real seconds the simulation took.
+        sent: heartbeats the fleet sent from publication to the end (see the module
+            docstring).
+        hosts: the fleet's size.
     """
 
     status: str
@@ -147,6 +163,15 @@ class SimResult:
     heartbeats: int
     wall_s: float
     halt_reason: str = ""
+    sent: float = 0.0
+    hosts: int = 0
+
+    @property
+    def per_host_hour(self) -> float:
+        """Heartbeats per host per hour, over the rollout."""
+        if not self.hosts or self.duration_s <= 0:
+            return 0.0
+        return self.sent / self.hosts / (self.duration_s / 3600)
 
     def summary(self) -> str:
         """A few lines for a terminal."""
@@ -154,7 +179,8 @@ class SimResult:
             f"{self.status} in {self.duration_s / 60:.1f} min simulated "
             f"({self.wall_s:.1f} s real, {self.heartbeats} heartbeats); "
             f"peak download {self.peak_bandwidth_bps / 1e9:.2f} GB/s; done {self.done}, "
-            f"given up {self.failed}, failed attempts {self.failures}"
+            f"given up {self.failed}, failed attempts {self.failures}; "
+            f"{self.per_host_hour:.1f} heartbeats per host per hour"
         ]
         for name, start, end in self.waves:
             took = (
@@ -177,10 +203,13 @@ class FleetSimulator:
         self.config = config
         self.now = 0.0
         self.store = MemoryStore()
-        self.plane = ControlPlane(
-            self.store, PlaneConfig(task_cache_s=config.tick_s), clock=lambda: self.now
-        )
         self._rng = random.Random(config.seed)
+        self.plane = ControlPlane(
+            self.store,
+            PlaneConfig(task_cache_s=config.tick_s, pacing=config.pacing),
+            clock=lambda: self.now,
+            uniform=self._rng.random,
+        )
         self._events: list[tuple[float, int, int, int]] = []
         self._seq = 0
 
@@ -219,6 +248,7 @@ class FleetSimulator:
         ]
         fails = [rng.random() < c.fail_fraction for _ in range(c.hosts)]
         vanished = [False] * c.hosts
+        vanished_at: dict[int, float] = {}
         remaining: dict[int, float] = {}  # bytes left of each active download
         peak = 0.0
         beats = 0
@@ -247,15 +277,23 @@ class FleetSimulator:
         wave_start: dict[int, float] = {}
         wave_settled: dict[int, float] = {}
 
+        paced = c.pacing is not None
+        park = c.park_waiting and not paced
+        # the wait each host was on when the rollout was published (no rollout: a pacing hbs
+        # asked for idle_s)
+        before = c.pacing.idle_s if c.pacing is not None else c.interval_s
+
         def wake(wave: int) -> None:
             if wave in woken:
                 return
             woken.add(wave)
             wave_start[wave] = self.now
-            for h in by_wave.get(wave, []):
+            if paced and wave:
+                return  # its hosts have been beating since the start
+            for h in range(c.hosts) if paced else by_wave.get(wave, []):
                 # it was heartbeating all along, with nothing to decide; from now on it counts
                 observe(Heartbeat(host=names[h], version=version[h]), self.now)
-                self._at(self.now + rng.random() * c.interval_s, _BEAT, h)
+                self._at(self.now + rng.random() * before, _BEAT, h)
 
         wake(0)
         self._at(c.tick_s, _TICK, -1)
@@ -323,6 +361,7 @@ class FleetSimulator:
                 continue
             if kind == _VANISH:
                 vanished[h] = True
+                vanished_at[h] = self.now
                 remaining.pop(h, None)
                 continue
             if kind == _BEAT:
@@ -357,17 +396,18 @@ class FleetSimulator:
             # a heartbeat (the hot path: most are hosts waiting for a slot)
             p = phase[h]
             if p == _IDLE:
-                order = answer([idle_beat(h)])[0].task
+                reply = answer([idle_beat(h)])[0]
             else:
                 if p == _TRIAL:
                     p = phase[h] = _DONE
-                order = self._beat(h, names, version, phase, failures)
+                reply = self._beat(h, names, version, phase, failures)
+            order = reply.task
             beats += 1
-            if c.park_waiting:
+            if park:
                 free = self._free_slots(task) if parked else 0
                 if free:
                     unpark(free)  # this heartbeat may have freed a slot (a host confirmed)
-            if p == _DONE:
+            if p == _DONE and not paced:
                 continue  # confirmed: its later heartbeats change nothing
             if order is not None and p in (_IDLE, _FAILED):
                 phase[h] = _DOWNLOADING
@@ -376,7 +416,7 @@ class FleetSimulator:
                     stepping = True
                     self._at(self.now + c.step_s, _STEP, -1)
             elif (
-                c.park_waiting
+                park
                 and p == _IDLE
                 and order is None
                 and members.get(names[h], 99) <= last_status[1]
@@ -385,9 +425,19 @@ class FleetSimulator:
                 parked.append(h)
                 continue
             self._seq = seq = self._seq + 1
-            heappush(events, (when + interval * (low + spread * random()), seq, _BEAT, h))
+            wait = reply.next_beat_s
+            if wait is None:
+                wait = interval * (low + spread * random())
+            else:  # as the library's agent obeys
+                wait = paced_interval(wait, interval, None)
+            heappush(events, (when + wait, seq, _BEAT, h))
 
         counters = self.store.rollout(task.id, self.now)
+        if paced:
+            sent = float(beats)
+        else:  # what fixed intervals send, simulated or not
+            alive = sum(vanished_at.get(h, self.now) for h in range(c.hosts))
+            sent = alive / c.interval_s
         return SimResult(
             status=status,
             duration_s=self.now,
@@ -402,6 +452,8 @@ class FleetSimulator:
             heartbeats=beats,
             wall_s=time.perf_counter() - started,
             halt_reason=halt_reason,
+            sent=sent,
+            hosts=c.hosts,
         )
 
     def _beat(
@@ -428,7 +480,7 @@ class FleetSimulator:
             )
         else:
             beat = Heartbeat(host=names[h], version=version[h])
-        return self.plane.answer([beat])[0].task
+        return self.plane.answer([beat])[0]
 
 
 def _share(capacity: float, caps: dict[int, float]) -> dict[int, float]:

@@ -3,7 +3,8 @@
 Two protocols, because the two jobs are independent (the falcon JSON-RPC transport beats over
 TCP but downloads over HTTP like everyone else):
 
-* :class:`Transport` sends one heartbeat and returns the server's order, if any.
+* :class:`Transport` sends one heartbeat and returns the server's order, if any; a
+  :class:`PacedTransport` also tells when the server asked the host to beat next.
 * :class:`Fetcher` moves the bytes of one URL into a :class:`ByteSink`.
 
 Contract: a transport raises :class:`~selfupgrade.errors.TransportError` when the beat did not
@@ -21,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from ..models import Heartbeat, UpgradeOrder
 
-__all__ = ["ByteSink", "Fetcher", "Transport"]
+__all__ = ["ByteSink", "Fetcher", "PacedTransport", "Transport"]
 
 
 @runtime_checkable
@@ -38,6 +39,17 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+@runtime_checkable
+class PacedTransport(Transport, Protocol):
+    """A transport whose server may say, in each reply, when to beat next
+    (:mod:`~selfupgrade.server.pacing`). The updater follows it within its own bounds."""
+
+    @property
+    def next_beat_s(self) -> float | None:
+        """The wait the last reply asked for, in seconds (``None``: it asked nothing, or the
+        last heartbeat failed)."""
 
 
 class ByteSink(Protocol):

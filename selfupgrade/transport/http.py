@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import ssl
@@ -117,8 +118,10 @@ class HttpTransport:
     """Posts heartbeats as JSON to ``url`` and returns the order in the reply.
 
     The reply is ``{"order": null}`` or ``{"order": {...}}`` (see
-    :meth:`UpgradeOrder.to_wire`). Connection failures, timeouts and 429/5xx replies are
-    retried ``settings.heartbeat_attempts`` times with full jitter.
+    :meth:`UpgradeOrder.to_wire`), with ``"next_beat_s"`` when the server paces check-ins
+    (kept in :attr:`next_beat_s`; a value that is not a positive number is ignored, with a
+    warning). Connection failures, timeouts and 429/5xx replies are retried
+    ``settings.heartbeat_attempts`` times with full jitter.
 
     Args:
         url: the heartbeat endpoint, for example ``http://127.0.0.1:6031/selfupgrade/v1/heartbeat``.
@@ -148,6 +151,7 @@ class HttpTransport:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._uniform = uniform
         self._sleep = sleep
+        self.next_beat_s: float | None = None
 
     def heartbeat(self, beat: Heartbeat) -> UpgradeOrder | None:
         """Send ``beat`` and return the server's order, or ``None``.
@@ -157,6 +161,7 @@ class HttpTransport:
                 answered with an error status.
             OrderRejected: the reply's order is malformed or unsafe.
         """
+        self.next_beat_s = None
         body = json.dumps(beat.to_wire()).encode()
         headers = {"Content-Type": "application/json", **self._headers}
         attempts = max(1, self._settings.heartbeat_attempts)
@@ -178,7 +183,9 @@ class HttpTransport:
                     break
                 log.debug("heartbeat try %d/%d failed: %s", attempt + 1, attempts, exc)
                 continue
-            return _order_from_reply(reply, self.url)
+            order = _order_from_reply(reply, self.url)
+            self.next_beat_s = _pace_from_reply(reply, self.url)
+            return order
         assert last is not None
         raise last
 
@@ -229,6 +236,16 @@ def _order_from_reply(reply: object, url: str) -> UpgradeOrder | None:
         raise
     except ValueError as exc:
         raise OrderRejected(f"the order from {url} is malformed: {exc}") from exc
+
+
+def _pace_from_reply(reply: object, url: str) -> float | None:
+    wait = reply.get("next_beat_s") if isinstance(reply, dict) else None
+    if wait is None:
+        return None
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 < wait < math.inf:
+        log.warning("ignoring next_beat_s from %s: %r is not a positive number", url, wait)
+        return None
+    return float(wait)
 
 
 class HttpFetcher:
