@@ -195,6 +195,8 @@ def test_a_real_hbs_paces_and_the_librarys_transport_and_updater_follow(tmp_path
             ).json()
             seen[pace] = (raw, updater.tick(), transport.next_beat_s)
             transport.close()
+            said = "check-ins paced (rarely 40s, idle 40s)" if pace else "at the hosts' own pace"
+            assert said in h.log()
     raw, wait, asked = seen[0]
     assert raw == {"order": None} and asked is None and wait == 10.0
     raw, wait, asked = seen[40]

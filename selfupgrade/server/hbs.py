@@ -348,7 +348,7 @@ async def serve(cfg: Config) -> None:
     log.info(
         "settings (docs/operators-guide.md says why): %d slots, lease %gs, %d attempts a "
         "host, retry after %gs, halt after %d failed attempts, restart grace %gs, probation "
-        "%gs, artifact check %s, %d new names per address per %gs, at most %d hosts",
+        "%gs, artifact check %s, %d new names per address per %gs, at most %d hosts, %s",
         limits.max_in_flight,
         limits.lease_s,
         limits.max_attempts,
@@ -360,6 +360,10 @@ async def serve(cfg: Config) -> None:
         plane_cfg.new_hosts_per_source,
         plane_cfg.new_hosts_window_s,
         plane_cfg.max_hosts,
+        "check-ins at the hosts' own pace"
+        if plane_cfg.pacing is None
+        else f"check-ins paced (rarely {plane_cfg.pacing.rarely_s:g}s, "
+        f"idle {plane_cfg.pacing.idle_s:g}s)",
     )
     try:
         await server.serve(sockets=[http_socket])
