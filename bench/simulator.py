@@ -4,7 +4,7 @@ well it predicts a real rollout of 50 agents.
 1. ``FleetSimulator(SimConfig())``: 100,000 hosts beating every minute, a canary, 25% and
    everyone (2000 upgrades at once, 5 min bakes), a 64 MiB artifact over a 1.25 GB/s server.
    Its wall time is printed beside the simulated time (how many times faster than real).
-   Then the same rollout with hbs pacing check-ins (``Pacing(rarely_s=600)``): heartbeats per
+   Then the same rollout with hbs pacing check-ins (``Pacing()``, its defaults): heartbeats per
    host per hour and the rollout's duration against the fixed one-minute interval.
 2. 50 real falcon agents under supervisord, a real hbs process, a three-wave plan (1 host,
    25%, everyone; 4 at once, 2 s bakes). The per-host upgrade time (admission to done, the
@@ -175,7 +175,10 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true", help="only the real rollout")
     parser.add_argument("--agents", type=int, default=AGENTS, help=f"real agents ({AGENTS})")
     parser.add_argument(
-        "--pace-rarely-s", type=float, default=600.0, help="the paced run's rarely_s (600)"
+        "--pace-rarely-s",
+        type=float,
+        default=Pacing().rarely_s,
+        help=f"the paced run's rarely_s ({Pacing().rarely_s:g})",
     )
     args = parser.parse_args()
     agents = args.agents

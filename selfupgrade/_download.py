@@ -13,11 +13,13 @@ import contextlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import (
     DeadlineExceeded,
@@ -37,14 +39,17 @@ __all__ = ["Fetched", "download_artifact"]
 
 log = logging.getLogger("selfupgrade.download")
 
+_Batch = list[bytes | bytearray]
+
 
 class _Sink:
     """Receives the fetcher's chunks: checks the cap and the deadline at once, and hands the
-    bytes, in batches of about 1 MiB, to a writer thread that writes them to the staged file
-    and feeds the stream check. Both ``os.write`` and hashing release the GIL, so a large
-    download is hashed and written on one core while the next bytes arrive on another
-    (hashing alone costs about as much as receiving). A download smaller than one batch never
-    starts the thread."""
+    bytes, in batches of about 1 MiB, to two threads: one writes them to the staged file and
+    sends each batch on its way to the disk (:func:`_write_back`, so that the final fsync
+    waits for the last batches only), the other feeds the stream check. ``os.write`` and
+    hashing both release the GIL, so receiving, writing and hashing overlap (each costs
+    about as much as another; done by one thread, the two behind the receiver took 1.6
+    times as long as receiving). A download smaller than one batch starts no thread."""
 
     def __init__(
         self,
@@ -68,17 +73,22 @@ class _Sink:
         self._deadline = deadline
         self._clock = clock
         self._received = 0
-        self._pending: list[bytes] = []
+        self._written = 0
+        self._pending: _Batch = []
         self._pending_bytes = 0
-        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=_QUEUED_BATCHES)
-        self._writer: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._workers = (
+            _Worker("download-writer", self._write_batch),
+            _Worker("download-hasher", self._hash_batch),
+        )
 
     @property
     def received(self) -> int:
         return self._received
 
     def write(self, chunk: bytes) -> None:
+        self.take(bytes(chunk))  # a no-op for bytes; anything else may be reused by its owner
+
+    def take(self, chunk: bytes | bytearray) -> None:
         if self._clock() > self._deadline:
             raise DeadlineExceeded(
                 f"GET {self._url}: deadline passed after {self._received} bytes", url=self._url
@@ -92,33 +102,19 @@ class _Sink:
                 actual=self._received + size,
             )
         self._received += size
-        self._pending.append(bytes(chunk))
+        self._pending.append(chunk)
         self._pending_bytes += size
         if self._pending_bytes >= _BATCH_BYTES:
-            self._hand_off()
+            batch, self._pending, self._pending_bytes = self._pending, [], 0
+            for worker in self._workers:
+                worker.put(batch)
 
     def announce(self, size: int) -> None:
         if self._check_room is not None:
             self._check_room(size)
 
-    def _hand_off(self) -> None:
-        if self._error is not None:
-            raise self._error
-        batch, self._pending, self._pending_bytes = self._pending, [], 0
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="download-writer")
-            self._writer.start()
-        self._queue.put(batch)
-
-    def _write_loop(self) -> None:
-        while (batch := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._consume(batch)
-                except BaseException as exc:  # handed to the receiving thread
-                    self._error = exc
-
-    def _consume(self, batch: list[bytes]) -> None:
+    def _write_batch(self, batch: _Batch) -> None:
+        start = self._written
         for chunk in batch:
             view = memoryview(chunk)
             try:
@@ -127,32 +123,115 @@ class _Sink:
                     view = view[written:]
             except OSError as exc:  # the local disk, not the network
                 raise disk_error(exc, self._dest, "writing the download to") from exc
+            self._written += len(chunk)
+        if self._workers[0].threaded:
+            _write_back(self._fd, start, self._written - start)
+
+    def _hash_batch(self, batch: _Batch) -> None:
+        for chunk in batch:
             self.check.update(chunk)
 
     def drain(self) -> None:
-        """Write and check everything received so far; raise what the writer raised."""
-        if self._writer is not None:
-            self._queue.put(self._pending)
-            self._queue.put(None)
-            self._writer.join()
-            self._writer = None
-        elif self._error is None:
-            try:
-                self._consume(self._pending)
-            except BaseException as exc:
-                self._error = exc
-        self._pending, self._pending_bytes = [], 0
-        if self._error is not None:
-            raise self._error
+        """Write and check everything received so far; raise what a worker raised."""
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        errors = [worker.finish(batch) for worker in self._workers]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def restart(self) -> None:
         with contextlib.suppress(BaseException):
             self.drain()
-        self._error = None
+        for worker in self._workers:
+            worker.error = None
         os.lseek(self._fd, 0, os.SEEK_SET)
         os.ftruncate(self._fd, 0)
         self.check = self._factory()
         self._received = 0
+        self._written = 0
+
+
+class _Worker:
+    """Applies ``work`` to each batch in order, on its own thread once there is more than
+    one batch; keeps the first error (the receiving thread raises it at its next batch or
+    at :meth:`finish`) and skips the batches after it."""
+
+    def __init__(self, name: str, work: Callable[[_Batch], None]) -> None:
+        self._name = name
+        self._work = work
+        self._queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=_QUEUED_BATCHES)
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def threaded(self) -> bool:
+        return self._thread is not None
+
+    def put(self, batch: _Batch) -> None:
+        if self.error is not None:
+            raise self.error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self._name)
+            self._thread.start()
+        self._queue.put(batch)
+
+    def finish(self, batch: _Batch) -> BaseException | None:
+        """Apply ``work`` to the last ``batch``, wait until all is done, stop the thread;
+        return the first error."""
+        if self._thread is not None:
+            self._queue.put(batch)
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        else:
+            self._run(batch)
+        return self.error
+
+    def _loop(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            self._run(batch)
+
+    def _run(self, batch: _Batch) -> None:
+        if self.error is None:
+            try:
+                self._work(batch)
+            except BaseException as exc:  # handed to the receiving thread
+                self.error = exc
+
+
+def _write_back(fd: int, offset: int, length: int) -> None:
+    """Start writing ``length`` bytes of ``fd`` from ``offset`` to the disk, without waiting
+    (Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``): the fsync that ends a download then
+    waits for little more than the last batch (64 MiB: about 28 ms of fsync become 3 to 7).
+    Elsewhere, or if the call fails, nothing: the fsync does all the work, as before."""
+    global _sync_file_range
+    if _sync_file_range is None or length <= 0:
+        return
+    if _sync_file_range is _UNLOADED:
+        _sync_file_range = _load_sync_file_range()
+        if _sync_file_range is None:
+            return
+    if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+        _sync_file_range = None  # not supported here (ENOSYS, a file system without it)
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # only downloads of more than one batch need it
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_UNLOADED: Any = object()
+_sync_file_range: Any = _UNLOADED
 
 
 _BATCH_BYTES = 1 << 20

@@ -127,14 +127,15 @@ def test_md5_is_refused_unless_allowed() -> None:
     DigestVerifier().check_order(toy_release("1.1").order("http://127.0.0.1/f"))
 
 
-# A download larger than one batch (1 MiB) is written and hashed on a writer thread.
+# A download larger than one batch (1 MiB) is written on a writer thread and hashed on another.
 BIG = bytes(range(256)) * (5 * 4096)  # 5 MiB
 
 
 def _writer_threads() -> list[str]:
     import threading
 
-    return [t.name for t in threading.enumerate() if t.name == "download-writer"]
+    names = ("download-writer", "download-hasher")
+    return [t.name for t in threading.enumerate() if t.name in names]
 
 
 def test_a_large_download_is_written_whole_and_verified(
@@ -184,6 +185,26 @@ def test_a_large_download_without_range_support_starts_over_cleanly(
 
     dest = tmp_path / "staged"
     assert _run(_artifact("http://127.0.0.1/big", BIG), dest, Twice()) == len(BIG)
+    assert dest.read_bytes() == BIG
+
+
+def test_a_fetcher_that_reuses_its_buffer_still_gives_the_exact_file(tmp_path: Path) -> None:
+    """The sink writes and hashes later, on other threads: what a fetcher passes to write()
+    is copied unless it is bytes, so refilling one buffer changes nothing that was sent."""
+
+    class Refilling:
+        def fetch(self, url: str, sink: object, *, deadline: float, max_bytes: int) -> None:
+            buffer = bytearray(65536)
+            for start in range(0, len(BIG), len(buffer)):
+                buffer[:] = BIG[start : start + len(buffer)]
+                sink.write(buffer)  # type: ignore[attr-defined]
+            buffer[:] = bytes(len(buffer))
+
+        def close(self) -> None:
+            pass
+
+    dest = tmp_path / "staged"
+    assert _run(_artifact("http://127.0.0.1/big", BIG), dest, Refilling()) == len(BIG)
     assert dest.read_bytes() == BIG
 
 

@@ -1,6 +1,6 @@
 """The Transport role: heartbeats to the control server, and fetching artifacts."""
 
-from .base import ByteSink, Fetcher, PacedTransport, Transport
+from .base import ByteSink, Fetcher, KeepingSink, PacedTransport, Transport
 from .falcon_rpc import FalconRpcTransport
 from .http import HttpFetcher, HttpSettings, HttpTransport
 
@@ -11,6 +11,7 @@ __all__ = [
     "HttpFetcher",
     "HttpSettings",
     "HttpTransport",
+    "KeepingSink",
     "PacedTransport",
     "Transport",
 ]

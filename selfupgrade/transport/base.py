@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from ..models import Heartbeat, UpgradeOrder
 
-__all__ = ["ByteSink", "Fetcher", "PacedTransport", "Transport"]
+__all__ = ["ByteSink", "Fetcher", "KeepingSink", "PacedTransport", "Transport"]
 
 
 @runtime_checkable
@@ -60,7 +60,7 @@ class ByteSink(Protocol):
         """Bytes accepted so far; a resumed download asks the server for the rest from here."""
 
     def write(self, chunk: bytes) -> None:
-        """Accept the next chunk.
+        """Accept the next chunk (the sink keeps a copy unless it is ``bytes``).
 
         Raises:
             SizeMismatch: the chunk would exceed the cap.
@@ -78,6 +78,19 @@ class ByteSink(Protocol):
         Raises:
             InsufficientSpace: the file system lacks room for ``size`` bytes.
         """
+
+
+@runtime_checkable
+class KeepingSink(ByteSink, Protocol):
+    """A sink that can keep a fetcher's buffer instead of copying it; the updater's sink is
+    one. :meth:`ByteSink.write` copies any chunk that is not ``bytes``, since a fetcher may
+    reuse its buffer; a fetcher that hands over fresh buffers (httpx's chunks are new
+    ``bytearray`` objects) saves that copy, 1 in 5 of the receiving thread's work."""
+
+    def take(self, chunk: bytes | bytearray) -> None:
+        """Accept ``chunk`` as :meth:`ByteSink.write` does, keeping the object itself: the
+        caller must never change it afterwards (it is written and hashed later, on other
+        threads)."""
 
 
 @runtime_checkable

@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..models import Heartbeat, UpgradeOrder, check_url
 from ..policy import full_jitter
-from .base import ByteSink
+from .base import ByteSink, KeepingSink
 
 __all__ = ["HttpFetcher", "HttpSettings", "HttpTransport"]
 
@@ -315,12 +315,14 @@ class HttpFetcher:
                             url=url,
                             status_code=resp.status_code,
                         )
+                    # httpx's chunks are new objects nobody changes: a sink may keep them
+                    put = sink.take if isinstance(sink, KeepingSink) else sink.write
                     for chunk in resp.iter_raw():
                         if time.monotonic() > deadline:
                             raise DeadlineExceeded(
                                 f"GET {url}: deadline passed after {sink.received} bytes", url=url
                             )
-                        sink.write(chunk)
+                        put(chunk)
                     return
             except httpx.TimeoutException as exc:
                 if time.monotonic() >= deadline:

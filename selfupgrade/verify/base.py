@@ -28,8 +28,9 @@ __all__ = ["StreamCheck", "Verifier"]
 class StreamCheck(Protocol):
     """Checks one artifact's bytes as they stream in."""
 
-    def update(self, chunk: bytes) -> None:
-        """Feed the next chunk."""
+    def update(self, chunk: bytes | bytearray) -> None:
+        """Feed the next chunk (``bytes``, or a ``bytearray`` nobody changes: the check
+        reads it during the call and must not keep it)."""
 
     def finish(self) -> None:
         """Declare the stream complete.

@@ -22,7 +22,7 @@ class DigestCheck:
         self._expected = expected
         self._hash = hashlib.new(expected.algorithm)
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | bytearray) -> None:
         """Feed the next chunk."""
         self._hash.update(chunk)
 

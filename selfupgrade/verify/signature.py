@@ -260,7 +260,7 @@ class _ManifestCheck:
         self._hash = hashlib.sha256()
         self._size = 0
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | bytearray) -> None:
         self._size += len(chunk)
         if self._size > self._expected.size:
             raise SizeMismatch(
