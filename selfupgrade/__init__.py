@@ -4,7 +4,8 @@ The agent side is four pluggable roles wired by :class:`Updater`:
 
 * Transport (:class:`HttpTransport`, :class:`HttpFetcher`): heartbeats and downloads;
 * Verifier (:class:`DigestVerifier`): may these bytes be installed;
-* Installer (:class:`TripleInstaller`): atomic swap, backup generation, crash recovery;
+* Installer (:class:`TripleInstaller`, or :class:`ReleaseInstaller` for release directories):
+  atomic swap, backup generation, crash recovery;
 * Restarter (:class:`SystemdRestarter`, :class:`SupervisorRestarter`, :class:`ExecRestarter`,
   :class:`OverlapRestarter`).
 
@@ -39,7 +40,14 @@ from .errors import (
     UnsafeURL,
     UntrustedContent,
 )
-from .install import ConfirmPolicy, Installer, InstallerStatus, StagedFile, TripleInstaller
+from .install import (
+    ConfirmPolicy,
+    Installer,
+    InstallerStatus,
+    ReleaseInstaller,
+    StagedFile,
+    TripleInstaller,
+)
 from .models import (
     Artifact,
     Digest,
@@ -101,6 +109,7 @@ __all__ = [
     "OverlapRestarter",
     "RecoveryFailed",
     "Release",
+    "ReleaseInstaller",
     "RestartFailed",
     "Restarter",
     "RetryLater",

@@ -28,6 +28,25 @@ def temp_name(path: Path) -> Path:
     return path.parent / f".{path.name}.su-{secrets.token_hex(6)}.tmp"
 
 
+def _rename_into_place(tmp: Path, dst: Path) -> None:
+    """``os.replace(tmp, dst)``; if that fails, ``tmp`` is removed."""
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _durable_copy(src: Path, dst: Path) -> None:
+    shutil.copy2(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class System:
     """Real file, process and notification effects. Subclass to observe or break them."""
 
@@ -50,13 +69,43 @@ class System:
             os.link(src, dst)
         except OSError:
             # Filesystems without hard links (some FUSE and network mounts): copy instead.
-            shutil.copy2(src, dst)
-            fd = os.open(dst, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _durable_copy(src, dst)
         self.fsync_dir(dst.parent)
+
+    def copy(self, src: Path, dst: Path, *, step: str) -> None:
+        """Copy ``src`` (bytes and mode) to the new file ``dst``, fsync it and its directory."""
+        self.checkpoint(step)
+        _durable_copy(src, dst)
+        self.fsync_dir(dst.parent)
+
+    def make_dir(self, path: Path, *, step: str) -> None:
+        """Create the directory ``path`` (it must not exist), then fsync its parent."""
+        self.checkpoint(step)
+        os.mkdir(path, 0o755)
+        self.fsync_dir(path.parent)
+
+    def symlink(self, target: str, path: Path, *, step: str) -> None:
+        """Create the symbolic link ``path`` to ``target`` (as written), then fsync its
+        directory."""
+        self.checkpoint(step)
+        os.symlink(target, path)
+        self.fsync_dir(path.parent)
+
+    def point_link(self, link: Path, target: str, *, step: str) -> None:
+        """Make the symbolic link ``link`` point to ``target``, atomically: a new link under a
+        temporary name (:func:`temp_name`) renamed over it, and its directory fsynced."""
+        self.checkpoint(step)
+        tmp = temp_name(link)
+        os.symlink(target, tmp)
+        _rename_into_place(tmp, link)
+        self.fsync_dir(link.parent)
+
+    def remove_tree(self, path: Path, *, step: str) -> None:
+        """Remove the directory ``path`` and everything in it, if it exists; fsync its parent."""
+        self.checkpoint(step)
+        if os.path.lexists(path):
+            shutil.rmtree(path)
+            self.fsync_dir(path.parent)
 
     def unlink(self, path: Path, *, step: str) -> None:
         """Remove ``path`` if it exists, then fsync its directory."""
@@ -86,11 +135,11 @@ class System:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, mode)
-            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        _rename_into_place(tmp, path)
         self.fsync_dir(path.parent)
 
     def fsync_dir(self, path: Path) -> None:

@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
     from . import guard as guard_mod
-    from .install.triple import TripleInstaller
+    from .install import open_installer
 
     if args.command == "rollout":
         return _rollout_cli.run(args)
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return guard_mod.guard(args.state_dir, cmd, watch_trial=not args.no_watch)
         if args.command == "watch":
             return guard_mod.watch(args.state_dir, args.pid)
-        installer = TripleInstaller(args.state_dir)
+        installer = open_installer(args.state_dir)
         if args.command == "status":
             print(json.dumps(asdict(installer.status()), indent=2))
         elif args.command == "confirm":

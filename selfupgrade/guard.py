@@ -35,6 +35,8 @@ from pathlib import Path
 import psutil
 
 from .errors import SelfUpgradeError
+from .install import open_installer
+from .install._journal import JournaledInstaller
 from .install.triple import TripleInstaller
 
 __all__ = ["GUARD_PROBLEM_ENV", "guard", "guard_command", "watch"]
@@ -64,7 +66,7 @@ def guard(state_dir: Path, command: Sequence[str], *, watch_trial: bool = True) 
 
     Returns the exit status when there is no command to exec (``ExecStartPre=`` use).
     """
-    installer = TripleInstaller(state_dir)
+    installer = _open(state_dir)
     try:
         report = installer.boot(now=time.time(), claim=False)
     except SelfUpgradeError as exc:
@@ -94,8 +96,17 @@ def guard(state_dir: Path, command: Sequence[str], *, watch_trial: bool = True) 
     os.execvp(command[0], list(command))
 
 
+def _open(state_dir: Path) -> JournaledInstaller:
+    """The installer the journal names; a triple installer when the journal is unreadable
+    (its boot then fails on the journal, and the guard starts what is whole on disk)."""
+    try:
+        return open_installer(state_dir)
+    except SelfUpgradeError:
+        return TripleInstaller(state_dir)
+
+
 def _start_what_is_whole(
-    installer: TripleInstaller, exc: SelfUpgradeError, command: Sequence[str]
+    installer: JournaledInstaller, exc: SelfUpgradeError, command: Sequence[str]
 ) -> int:
     """The guard could not recover or count this start: exec the version that is whole on
     disk, telling it why; refuse (1) when none is."""
@@ -130,7 +141,7 @@ def watch(state_dir: Path, pid: int, *, poll_s: float = 0.25, stop_grace_s: floa
     On a missed deadline: roll back, then stop ``pid`` (SIGTERM, then SIGKILL after
     ``stop_grace_s``) so that its supervisor starts the restored version.
     """
-    installer = TripleInstaller(state_dir)
+    installer = _open(state_dir)
     try:
         proc = psutil.Process(pid)
         born = proc.create_time()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,31 +20,12 @@ import pytest
 from selfupgrade import ConfirmPolicy, Role, TripleInstaller
 from selfupgrade.testing import TOY_FILES, CrashingSystem, RecordingSystem, toy_release
 
-CHILD = str(Path(__file__).with_name("crash_child.py"))
+from .crash_cases import Killed, cases, die, run_child, run_guard
+
 OLD = toy_release("1.0")
 NEW = toy_release("1.1")
 NEVER = 10_000
-
-
-def run_child(
-    mode: str, state: Path, install: Path, crash_at: int
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, CHILD, mode, str(state), str(install), str(crash_at)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def guard(state: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "selfupgrade", "guard", "--state-dir", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+guard = run_guard
 
 
 def triple(d: Path) -> dict[Role, bytes | None]:
@@ -98,9 +77,9 @@ def _checkpoints() -> dict[str, list[str]]:
         TripleInstaller(state, system=rec).boot(now=time.time(), claim=False)
         out["boot"] = rec.steps
         state, install = fresh(Path(tmp) / "recover")
-        crash = CrashingSystem(out["install"].index("swap:bin") + 1, on_crash=_die)
+        crash = CrashingSystem(out["install"].index("swap:bin") + 1, on_crash=die)
         inst = TripleInstaller(state, system=crash)
-        with contextlib.suppress(_Killed):
+        with contextlib.suppress(Killed):
             inst.install(
                 "1.1", NEW.stage(inst, install), from_version="1.0", confirm=ConfirmPolicy()
             )
@@ -110,19 +89,11 @@ def _checkpoints() -> dict[str, list[str]]:
     return out
 
 
-class _Killed(BaseException):
-    """Stands for SIGKILL in the in-process probe: nothing catches it."""
-
-
-def _die(step: str) -> None:
-    raise _Killed(step)
-
-
 STEPS = _checkpoints()
 
 
 def _cases(mode: str) -> list[object]:
-    return [pytest.param(i, id=f"{i}-{step}") for i, step in enumerate(STEPS[mode])]
+    return cases(STEPS, mode)
 
 
 def test_install_has_journaled_steps() -> None:

@@ -21,7 +21,9 @@ import pytest
 import redis
 
 from examples.falcon_agent.build import build
-from selfupgrade.testing import ArtifactServer, Fault
+from examples.fleet import agent_env
+from selfupgrade.guard import guard_command
+from selfupgrade.testing import ArtifactServer, Fault, Supervisord
 
 from .fleet import AGENT_CFG, NEW, OLD, Fleet, Hbs, Sampler, serve_release, wait_until
 
@@ -341,3 +343,41 @@ def test_agents_speaking_the_falcon_rpc_protocol_upgrade(
             explain=hbs.log,
         )
         assert all(fleet.program(n) == new.program for n in fleet.names)
+
+
+def test_an_agent_with_release_directories_upgrades_and_keeps_the_old_release(
+    tmp_path: Path, artifact_server: ArtifactServer
+) -> None:
+    """Issue 15, point 3, with the example falcon agent under a real supervisord and a real
+    hbs: FALCON_AGENT_RELEASES makes it build releases/6.0.1/ (the new program, a copy of
+    the config) and point current at it; 6.0.0 stays on disk, untouched."""
+    old = build(OLD, config=AGENT_CFG)
+    new = build(NEW, config=AGENT_CFG)
+    wgeturl = serve_release(artifact_server, new)
+    home = tmp_path / "hosts" / "agent-01"
+    root = home / "opt"
+    old.install(root / "releases" / OLD)
+    (root / "current").symlink_to(f"releases/{OLD}")
+    sup = Supervisord(tmp_path / "supervisor")
+    with Hbs(f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log") as hbs:
+        env = agent_env(home, "agent-01", f"{hbs.url}/selfupgrade/v1/heartbeat", "supervisor")
+        current = root / "current"
+        command = guard_command(
+            home / "state", [str(current / "falcon-agent"), "-c", str(current / "cfg.json")]
+        )
+        sup.add_program(
+            "agent-01", command, env={**env, "FALCON_AGENT_RELEASES": str(root)}, autorestart=True
+        )
+        with sup:
+            wait_until("the agent on 6.0.0", lambda: all_on(hbs, OLD, 1), explain=hbs.log)
+            reply = hbs.publish({"wgeturl": wgeturl, "version": NEW, "binfile_md5": new.bin_md5})
+            assert reply.status_code == 200, reply.text
+            wait_until("done", lambda: hbs.status()["counters"]["done"] == 1, explain=hbs.log)
+            log = sup.log("agent-01")
+    print(f"current -> {os.readlink(root / 'current')}")
+    assert f"current now points to releases/{NEW}" in log, log[-2000:]
+    assert os.readlink(root / "current") == f"releases/{NEW}"
+    assert (root / "current" / "falcon-agent").read_bytes() == new.program
+    assert (root / "releases" / NEW / "cfg.json").read_bytes() == old.config
+    assert (root / "releases" / OLD / "falcon-agent").read_bytes() == old.program
+    assert json.loads((home / "state" / "state.json").read_text())["layout"]["kind"] == "releases"

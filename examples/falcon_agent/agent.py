@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "http": {"enabled": True, "listen": "127.0.0.1:1988"},
     "collect_interval": 10,
     "state_dir": "/var/lib/falcon-agent",
+    "releases_root": "",
     "restarter": "systemd",
     "supervisor_program": "falcon-agent",
     "confirm_timeout_s": 60,
@@ -82,6 +83,7 @@ def load_config(path: Path) -> dict[str, Any]:
     cfg["heartbeat"]["addr"] = env.get("FALCON_AGENT_HBS", cfg["heartbeat"]["addr"])
     cfg["heartbeat"]["token"] = env.get("FALCON_AGENT_TOKEN", cfg["heartbeat"]["token"])
     cfg["state_dir"] = env.get("FALCON_AGENT_STATE_DIR", cfg["state_dir"])
+    cfg["releases_root"] = env.get("FALCON_AGENT_RELEASES", cfg["releases_root"])
     cfg["restarter"] = env.get("FALCON_AGENT_RESTARTER", cfg["restarter"])
     cfg["supervisor_program"] = env.get("FALCON_AGENT_PROGRAM", cfg["supervisor_program"])
     labels = env.get("FALCON_AGENT_LABELS")
@@ -247,11 +249,19 @@ def make_updater(cfg: dict[str, Any], here: Path, collector: Collector) -> su.Up
         restarter = su.ExecRestarter(guard_state_dir=cfg["state_dir"])
     else:
         restarter = su.SystemdRestarter()
+    installer: su.Installer
+    if cfg["releases_root"]:
+        # release directories: <root>/releases/<version>/, the service runs <root>/current/...
+        installer = su.ReleaseInstaller(cfg["releases_root"], state_dir=cfg["state_dir"])
+        files_dir = Path(cfg["releases_root"]) / "current"
+    else:
+        installer = su.TripleInstaller(cfg["state_dir"])
+        files_dir = here
     return su.Updater(
         version=VERSION,
-        layout=su.Layout(here, {su.Role.BIN: Path(sys.argv[0]).name, su.Role.CFG: "cfg.json"}),
+        layout=su.Layout(files_dir, {su.Role.BIN: Path(sys.argv[0]).name, su.Role.CFG: "cfg.json"}),
         transport=transport,
-        installer=su.TripleInstaller(cfg["state_dir"]),
+        installer=installer,
         restarter=restarter,
         config=su.UpdaterConfig(
             host=cfg["hostname"],

@@ -27,70 +27,35 @@ Backups and staged files are named ``.<name>.su-<id>.bak`` / ``.new`` beside the
 (same filesystem, so renames are atomic and links are free); any such file that the state no
 longer names is deleted after each transaction.
 
-A :class:`filelock.FileLock` on ``<state_dir>/lock`` serialises threads and processes.
+The state file, the lock and the trial (each start counted, the rollback beyond
+``max_starts``) are :class:`~selfupgrade.install._journal.JournaledInstaller`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import re
 import secrets
-import shutil
 import stat
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import filelock
-
-from .._system import System, temp_name
-from ..errors import (
-    HostNotReady,
-    InstallFailed,
-    InsufficientSpace,
-    LockBusy,
-    OperatorNeeded,
-    RecoveryFailed,
-    SelfUpgradeError,
-    disk_error,
-)
-from .base import (
-    DEFAULT_MODES,
-    BootReport,
-    ConfirmPolicy,
-    InstallerStatus,
-    LastResult,
-    Pending,
-    StagedFile,
-)
+from ..errors import InstallFailed, RecoveryFailed
+from ._journal import JournaledInstaller, check_room, check_writable, sha256_file
+from .base import DEFAULT_MODES, StagedFile
 
 __all__ = ["TripleInstaller"]
 
 log = logging.getLogger("selfupgrade.install")
 
-_FORMAT = 1
-_RESERVE_BYTES = 1 << 20
 _OURS = re.compile(r"^\.(?P<name>.+)\.su-(?P<id>[0-9a-f]+)\.(?:new|bak|tmp)$")
 
 
-def sha256_file(path: Path) -> str | None:
-    """The sha256 of ``path``'s bytes, or ``None`` if it does not exist."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    except FileNotFoundError:
-        return None
-    return h.hexdigest()
-
-
-class TripleInstaller:
+class TripleInstaller(JournaledInstaller):
     """Installs a program/config/service-file triple atomically, with a previous generation.
 
     Args:
@@ -100,24 +65,7 @@ class TripleInstaller:
         lock_timeout_s: how long to wait for another updater before :class:`LockBusy`.
     """
 
-    def __init__(
-        self,
-        state_dir: str | os.PathLike[str],
-        *,
-        system: System | None = None,
-        lock_timeout_s: float = 30.0,
-    ) -> None:
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._state_path = self.state_dir / "state.json"
-        self._sys = system or System()
-        self._lock = filelock.FileLock(self.state_dir / "lock", timeout=lock_timeout_s)
-
-    # ---- reading -------------------------------------------------------------------------
-
-    def status(self) -> InstallerStatus:
-        """The current, previous and pending generations, read from ``state.json``."""
-        return _status(self._load())
+    LAYOUT = "triple"
 
     # ---- preflight and staging -----------------------------------------------------------
 
@@ -130,34 +78,12 @@ class TripleInstaller:
         """
         by_device: dict[int, tuple[Path, int]] = {}
         for target, size in needs:
-            directory = target.parent
-            if not directory.is_dir():
-                raise HostNotReady(
-                    f"cannot install {target}: directory {directory} does not exist", path=directory
-                )
-            probe = temp_name(target)  # what a kill leaves here, the clean-up removes
-            try:
-                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                os.unlink(probe)
-            except OSError as exc:
-                raise HostNotReady(
-                    f"cannot install {target}: directory {directory} is not writable "
-                    f"({exc.strerror}); give the agent's user write access to it",
-                    path=directory,
-                ) from exc
-            dev = directory.stat().st_dev
-            seen = by_device.get(dev, (directory, 0))
+            check_writable(target.parent, target)
+            dev = target.parent.stat().st_dev
+            seen = by_device.get(dev, (target.parent, 0))
             by_device[dev] = (seen[0], seen[1] + (size or 0))
         for directory, needed in by_device.values():
-            free = shutil.disk_usage(directory).free
-            if needed + _RESERVE_BYTES > free:
-                raise InsufficientSpace(
-                    f"not enough space in {directory}: the upgrade needs {needed} bytes "
-                    f"(+1 MiB reserve) and {free} are free",
-                    path=directory,
-                    needed=needed,
-                    free=free,
-                )
+            check_room(directory, needed)
 
     def staging_path(self, target: Path) -> Path:
         """A new, unused path beside ``target`` for its download.
@@ -175,87 +101,33 @@ class TripleInstaller:
 
     # ---- install -------------------------------------------------------------------------
 
-    def install(
-        self,
-        version: str,
-        files: Sequence[StagedFile],
-        *,
-        from_version: str,
-        confirm: ConfirmPolicy,
-    ) -> bool:
-        """Swap ``files`` in as ``version``; see the module docstring for the steps.
+    def _plan(
+        self, state: dict[str, Any], version: str, files: Sequence[StagedFile], from_version: str
+    ) -> tuple[dict[str, Any], list[int]] | None:
+        current = state.get("current") or {}
+        entries = [self._entry(f) for f in files]
+        if current.get("version") == version and all(
+            e["old_sha256"] == e["new_sha256"] for e in entries
+        ):
+            return None
+        txn_id = secrets.token_hex(6)
+        for e in entries:
+            target = Path(e["path"])
+            e["backup"] = str(target.parent / f".{target.name}.su-{txn_id}.bak")
+        return {"id": txn_id, "files": entries}, [e["mode"] for e in entries]
 
-        Raises:
-            LockBusy: another updater holds the lock for longer than ``lock_timeout_s``.
-            InstallFailed: a step failed; the old files were put back.
-        """
-        if not files:
-            raise ValueError("install needs at least one staged file")
-        with self._locked():
-            self._recover_locked()
-            state = self._load()
-            txn = state.get("txn")
-            if txn is not None and txn["kind"] == "trial":
-                if txn["to_version"] == version:
-                    self._discard(files)
-                    return False
-                raise InstallFailed(
-                    f"cannot install {version}: {txn['to_version']} is still on trial; "
-                    "confirm or roll it back first"
+    def _apply(self, state: dict[str, Any]) -> None:
+        entries = state["txn"]["files"]
+        for e in entries:
+            if e["old_sha256"] is not None:
+                self._sys.link_or_copy(
+                    Path(e["path"]), Path(e["backup"]), step=f"backup:{e['role']}"
                 )
-            current = state.get("current") or {}
-            entries = []
-            for f in files:
-                entries.append(self._entry(f))
-            if current.get("version") == version and all(
-                e["old_sha256"] == e["new_sha256"] for e in entries
-            ):
-                log.info("%s is already installed; nothing to do", version)
-                self._discard(files)
-                return False
-            txn_id = secrets.token_hex(6)
-            for e in entries:
-                target = Path(e["path"])
-                e["backup"] = str(target.parent / f".{target.name}.su-{txn_id}.bak")
-            try:
-                for f, e in zip(files, entries, strict=True):
-                    self._sys.chmod(f.staged, e["mode"], step=f"chmod:{f.role.value}")
-                state["txn"] = {
-                    "kind": "install",
-                    "id": txn_id,
-                    "phase": "prepared",
-                    "from_version": from_version,
-                    "to_version": version,
-                    "files": entries,
-                    "max_starts": confirm.max_starts,
-                    "timeout_s": confirm.timeout_s,
-                }
-                self._save(state, step="journal:prepared")
-                for e in entries:
-                    if e["old_sha256"] is not None:
-                        self._sys.link_or_copy(
-                            Path(e["path"]), Path(e["backup"]), step=f"backup:{e['role']}"
-                        )
-                state["txn"]["phase"] = "backed_up"
-                self._save(state, step="journal:backed_up")
-                for e in entries:
-                    self._sys.replace(Path(e["staged"]), Path(e["path"]), step=f"swap:{e['role']}")
-                self._finish_install(state)
-            except SelfUpgradeError:
-                raise
-            except OSError as exc:
-                log.error("install of %s failed: %s; undoing", version, exc)
-                try:
-                    self._recover_locked(force_back=True)
-                    self._discard(files)
-                except Exception as undo_exc:
-                    raise RecoveryFailed(
-                        f"install of {version} failed ({exc}) and undoing it failed too "
-                        f"({undo_exc}); inspect {self._state_path}"
-                    ) from undo_exc
-                raise InstallFailed(f"install of {version} failed and was undone: {exc}") from exc
-            log.info("installed %s over %s; it is on trial", version, from_version)
-            return True
+        state["txn"]["phase"] = "backed_up"
+        self._save(state, step="journal:backed_up")
+        for e in entries:
+            self._sys.replace(Path(e["staged"]), Path(e["path"]), step=f"swap:{e['role']}")
+        self._finish_install(state)
 
     def _entry(self, f: StagedFile) -> dict[str, Any]:
         target = Path(f.target)
@@ -293,79 +165,11 @@ class TripleInstaller:
             current_files[e["role"]] = {"path": e["path"], "sha256": e["new_sha256"]}
         state["previous"] = {"version": txn["from_version"], "files": previous_files}
         state["current"] = {"version": txn["to_version"], "files": current_files}
-        state["txn"] = {
-            "kind": "trial",
-            "roles": sorted(e["role"] for e in txn["files"]),
-            "from_version": txn["from_version"],
-            "to_version": txn["to_version"],
-            "starts": 0,
-            "claimed": True,
-            "max_starts": txn["max_starts"],
-            "timeout_s": txn["timeout_s"],
-            "deadline": None,
-        }
+        state["txn"] = self._trial(txn, [e["role"] for e in txn["files"]])
         self._save(state, step="journal:swapped")
         self._collect_garbage(state)
 
-    # ---- boot, confirm, rollback ---------------------------------------------------------
-
-    def boot(self, *, now: float, claim: bool) -> BootReport:
-        """Recover an interrupted transaction, then count this start of a version on trial.
-
-        The guard calls this before the daemon starts with ``claim=False``: the start is
-        counted and left for the daemon to claim. The updater calls it with ``claim=True``: if
-        no guard counted this start, it counts it now. A start that makes the count exceed
-        ``max_starts`` restores the previous generation.
-
-        Raises:
-            LockBusy, RecoveryFailed.
-        """
-        messages: list[str] = []
-        state = self._load()
-        if state.get("txn") is None:
-            # Nothing to recover or count: nothing must be written (the state directory may
-            # be read-only or full); only what kills left behind is cleared, if it can be.
-            try:
-                with self._locked():
-                    self._collect_garbage(self._load())
-            except HostNotReady as exc:
-                log.warning("could not clear leftover files: %s", exc)
-            return BootReport(status=_status(state), recovered=None, rolled_back=False, messages=())
-        with self._locked():
-            recovered = self._recover_locked(messages=messages)
-            state = self._load()
-            txn = state.get("txn")
-            rolled_back = False
-            if txn is not None and txn["kind"] == "trial":
-                if claim and not txn["claimed"]:
-                    txn["claimed"] = True  # the guard counted this start already
-                else:
-                    txn["starts"] += 1
-                    txn["claimed"] = claim
-                    txn["deadline"] = now + float(txn["timeout_s"])
-                    messages.append(
-                        f"start {txn['starts']} of {txn['to_version']} on trial "
-                        f"(at most {txn['max_starts']})"
-                    )
-                if txn["starts"] > txn["max_starts"]:
-                    reason = (
-                        f"{txn['to_version']} started {txn['starts'] - 1} time(s) without "
-                        "confirming its health"
-                    )
-                    self._rollback_locked(state, reason, now=now)
-                    messages.append(f"rolled back: {reason}")
-                    rolled_back = True
-                else:
-                    self._save(state, step="journal:boot")
-            self._collect_garbage(self._load())
-            for m in messages:
-                log.info("%s", m)
-            return BootReport(
-                status=_status(self._load()),
-                recovered=recovered,
-                rolled_back=rolled_back,
-                messages=tuple(messages),
-            )
+    # ---- version on disk, rollback ------------------------------------------------------
 
     def version_on_disk(self) -> str | None:
         """The version whose every file the journal records is on disk byte for byte: its
@@ -395,54 +199,6 @@ class TripleInstaller:
             if files and all(sha256_file(Path(p)) == sha for p, sha in files.items()):
                 return version
         return None
-
-    def confirm(self, *, now: float | None = None) -> None:
-        """End the trial: the current generation is healthy. A no-op when nothing is on trial."""
-        with self._locked():
-            self._recover_locked()
-            state = self._load()
-            txn = state.get("txn")
-            if txn is None or txn["kind"] != "trial":
-                return
-            state["txn"] = None
-            state["last_result"] = {
-                "version": txn["to_version"],
-                "outcome": "confirmed",
-                "reason": "",
-                "at": time.time() if now is None else now,
-            }
-            self._save(state, step="journal:confirmed")
-            log.info("%s confirmed healthy", txn["to_version"])
-
-    def rollback(
-        self, reason: str, *, now: float | None = None, if_on_trial: str | None = None
-    ) -> str:
-        """Restore the previous generation and return its version.
-
-        Args:
-            reason: recorded and reported in the next heartbeat.
-            now: wall-clock time of the decision (default: now).
-            if_on_trial: only roll back if this version is still on trial (checked under the
-                lock, so a confirmation that won the race is respected); otherwise return the
-                current version and change nothing.
-
-        Raises:
-            OperatorNeeded: there is no previous generation.
-            LockBusy, RecoveryFailed.
-        """
-        with self._locked():
-            self._recover_locked()
-            state = self._load()
-            if if_on_trial is not None:
-                txn = state.get("txn") or {}
-                if txn.get("kind") != "trial" or txn.get("to_version") != if_on_trial:
-                    return str((state.get("current") or {}).get("version"))
-            if not state.get("previous"):
-                raise OperatorNeeded(
-                    "nothing to roll back to: no previous generation is recorded in "
-                    f"{self._state_path}"
-                )
-            return self._rollback_locked(state, reason, now=time.time() if now is None else now)
 
     def _rollback_locked(self, state: dict[str, Any], reason: str, *, now: float) -> str:
         previous = state["previous"]
@@ -497,15 +253,6 @@ class TripleInstaller:
         self._sys.replace(tmp, target, step=f"restore:{f['role']}")
 
     # ---- recovery ------------------------------------------------------------------------
-
-    def recover(self) -> Literal["forward", "back"] | None:
-        """Finish or undo an interrupted transaction (``boot`` does this too).
-
-        Raises:
-            LockBusy, RecoveryFailed.
-        """
-        with self._locked():
-            return self._recover_locked()
 
     def _recover_locked(
         self, *, force_back: bool = False, messages: list[str] | None = None
@@ -563,56 +310,6 @@ class TripleInstaller:
 
     # ---- plumbing ------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the lock; the one place where the installer's ``OSError`` becomes an error of
-        the tree (:func:`~selfupgrade.errors.disk_error`, naming the path and what to do)."""
-        try:
-            self._lock.acquire()
-        except filelock.Timeout:
-            raise LockBusy(
-                f"another updater holds {self._lock.lock_file}; try again later"
-            ) from None
-        except OSError as exc:
-            raise disk_error(exc, self._lock.lock_file, "taking the install lock") from exc
-        try:
-            yield
-        except OSError as exc:
-            raise disk_error(exc, None, "updating") from exc
-        finally:
-            with contextlib.suppress(OSError):
-                self._lock.release()
-
-    def _load(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self._state_path.read_bytes())
-        except FileNotFoundError:
-            return {
-                "format": _FORMAT,
-                "current": None,
-                "previous": None,
-                "txn": None,
-                "last_result": None,
-            }
-        except ValueError as exc:
-            raise RecoveryFailed(f"{self._state_path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict) or data.get("format") != _FORMAT:
-            raise RecoveryFailed(f"{self._state_path} has an unknown format")
-        return data
-
-    def _save(self, state: dict[str, Any], *, step: str) -> None:
-        state["format"] = _FORMAT
-        try:
-            self._sys.write_atomic(
-                self._state_path, json.dumps(state, indent=1, sort_keys=True).encode(), step=step
-            )
-        except OSError as exc:
-            raise disk_error(exc, self._state_path, "writing the install journal") from exc
-
-    def _discard(self, files: Sequence[StagedFile]) -> None:
-        for f in files:
-            self._sys.unlink(f.staged, step=f"discard:{f.role.value}")
-
     def _collect_garbage(self, state: Mapping[str, Any], also: Sequence[Path] = ()) -> None:
         """Delete our backup/staged/temporary files that ``state`` no longer names."""
         keep: set[str] = set()
@@ -633,24 +330,3 @@ class TripleInstaller:
                     m = _OURS.match(entry.name)
                     if m and m.group("name") in names and entry.path not in keep:
                         self._sys.unlink(Path(entry.path), step="gc")
-
-
-def _status(state: Mapping[str, Any]) -> InstallerStatus:
-    txn = state.get("txn")
-    pending = None
-    if txn is not None and txn.get("kind") == "trial":
-        pending = Pending(
-            version=txn["to_version"],
-            from_version=txn["from_version"],
-            starts=int(txn["starts"]),
-            max_starts=int(txn["max_starts"]),
-            deadline=txn.get("deadline"),
-            roles=tuple(txn.get("roles", ())),
-        )
-    last = state.get("last_result")
-    return InstallerStatus(
-        current_version=(state.get("current") or {}).get("version"),
-        previous_version=(state.get("previous") or {}).get("version"),
-        pending=pending,
-        last_result=LastResult(**last) if last else None,
-    )

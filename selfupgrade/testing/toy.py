@@ -11,8 +11,10 @@ into the program text, as a compiled daemon's would be, so version 1.1 is a diff
 * ``unhealthy``: heartbeats, but its health check always fails.
 
 Host-specific settings come from the environment (``TOY_HOST``, ``TOY_HBS``, ``TOY_STATE_DIR``,
-``TOY_RESTARTER`` = systemd|supervisor|exec, ``TOY_PROGRAM``, ``TOY_SUPERVISOR_HOW`` = rpc|exit),
-so one config file serves every host.
+``TOY_RESTARTER`` = systemd|supervisor|exec, ``TOY_PROGRAM``, ``TOY_SUPERVISOR_HOW`` = rpc|exit,
+and ``TOY_RELEASES``: the root of release directories, for a
+:class:`~selfupgrade.ReleaseInstaller` instead of the triple installer), so one config file
+serves every host.
 """
 
 from __future__ import annotations
@@ -83,15 +85,22 @@ def main() -> int:
         restarter = su.ExecRestarter(guard_state_dir=state_dir)
     else:
         restarter = su.SystemdRestarter()
+    releases = os.environ.get("TOY_RELEASES")
+    if releases:
+        installer = su.ReleaseInstaller(releases, state_dir=state_dir)
+        files_dir = Path(releases) / "current"
+    else:
+        installer = su.TripleInstaller(state_dir)
+        files_dir = here
     updater = su.Updater(
         version=VERSION,
-        layout=su.Layout(here, {{su.Role.BIN: "toyd", su.Role.CFG: "toy.json",
-                                 su.Role.SERVICE: "toy.service"}}),
+        layout=su.Layout(files_dir, {{su.Role.BIN: "toyd", su.Role.CFG: "toy.json",
+                                      su.Role.SERVICE: "toy.service"}}),
         transport=su.HttpTransport(
             os.environ["TOY_HBS"],
             settings=su.HttpSettings(connect_timeout_s=2, read_timeout_s=5, backoff_base_s=0.1),
         ),
-        installer=su.TripleInstaller(state_dir),
+        installer=installer,
         restarter=restarter,
         config=su.UpdaterConfig(
             host=os.environ["TOY_HOST"],
