@@ -222,6 +222,53 @@ def test_hbs_gives_each_site_its_mirror_first_and_checks_every_one(
     assert f"fetched bin from {bj_url}" in said, said
 
 
+@pytest.mark.real
+def test_a_rule_that_names_a_wave_applies_from_that_wave_on(
+    tmp_path: Path, mirrors: list[ArtifactServer]
+) -> None:
+    """Issue 15, point 1, per wave: the canary fetches from the origin, and once the rollout
+    is on the wave "all", its hosts get the mirror seeded for it first (a real hbs)."""
+    from examples.fleet import Hbs
+
+    origin, seeded, _ = mirrors
+    url = origin.add("bin_1.1", DATA)
+    seeded_url = seeded.add("bin_1.1", DATA)
+    release = {
+        "version": "1.1",
+        "artifacts": {"bin": {"url": url, "digest": str(artifact([url]).digest)}},
+    }
+    plan = {
+        "waves": [
+            {"name": "canary", "hosts": 1, "max_in_flight": 1, "bake_s": 0},
+            {"name": "all", "percent": 100, "max_in_flight": 10},
+        ],
+        "mirrors": [{"wave": "all", "artifacts": {"bin": [seeded_url]}}],
+    }
+    hosts = ["h-1", "h-2"]
+    with Hbs(f"sqlite:{tmp_path / 'hbs.db'}", tmp_path / "hbs.log", probation_s=0) as hbs:
+        for host in hosts:
+            _order_for(hbs.url, host, {})
+        hbs.start_rollout({"release": release, "plan": plan})
+        orders = {host: _order_for(hbs.url, host, {}) for host in hosts}
+        canary = next(h for h, order in orders.items() if order)
+        other = next(h for h in hosts if h != canary)
+        task_id = orders[canary]["task_id"]
+        done = {"host": canary, "version": "1.1", "task_id": task_id, "confirmed": True}
+        reply = httpx.post(f"{hbs.url}/selfupgrade/v1/heartbeat", json=done, timeout=10)
+        assert reply.status_code == 200, reply.text
+        deadline = time.monotonic() + 10
+        later: dict[str, object] | None = None
+        while later is None and time.monotonic() < deadline:
+            later = _order_for(hbs.url, other, {})
+            time.sleep(0.1)
+    canary_bin = orders[canary]["artifacts"]["bin"]  # type: ignore[index]
+    assert later is not None, "the second wave never started"
+    later_bin = later["artifacts"]["bin"]  # type: ignore[index]
+    print(f"canary {canary} gets {canary_bin['url']}; {other}, in 'all', {later_bin['url']}")
+    assert canary_bin["url"] == url and "mirrors" not in canary_bin
+    assert (later_bin["url"], later_bin["mirrors"]) == (seeded_url, [url])
+
+
 def wait_for_line(path: Path, text: str, timeout_s: float = 10) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -252,6 +299,29 @@ def test_a_plan_with_a_bad_mirror_rule_names_the_field() -> None:
     )
     assert Plan.from_json(plan.to_json()) == plan
     assert plan.mirror_rule({"dc": "bj", "rack": "1"}) == 0 and plan.mirror_rule({}) is None
+    with pytest.raises(FieldError) as refused:
+        Plan.from_json(
+            {"waves": waves, "mirrors": [{"wave": "later", "artifacts": {"bin": ["http://m/b"]}}]}
+        )
+    assert refused.value.field == "plan.mirrors[0].wave" and "'all'" in str(refused.value)
+
+
+def test_a_rule_that_names_a_wave_is_chosen_only_on_that_wave() -> None:
+    from selfupgrade.server.plan import Plan
+
+    plan = Plan.from_json(
+        {
+            "waves": [{"name": "canary", "hosts": 1}, {"name": "all", "percent": 100}],
+            "mirrors": [
+                {"match": {"dc": "bj"}, "wave": "all", "artifacts": {"bin": ["http://bj/b"]}},
+                {"wave": "all", "artifacts": {"bin": ["http://seeded/b"]}},
+                {"match": {"dc": "bj"}, "artifacts": {"bin": ["http://bj-origin/b"]}},
+            ],
+        }
+    )
+    assert Plan.from_json(plan.to_json()) == plan
+    assert [plan.mirror_rule({"dc": "bj"}, w) for w in (0, 1, None)] == [2, 0, 2]
+    assert [plan.mirror_rule({}, w) for w in (0, 1)] == [None, 1]
 
 
 def test_the_operators_guide_example_is_a_valid_rollout() -> None:

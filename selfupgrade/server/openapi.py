@@ -183,6 +183,38 @@ _SCHEMAS: dict[str, Any] = {
             "waves": {"type": "array", "minItems": 1, "maxItems": 20, "items": _ref("Wave")},
             "selector": {"type": "object", "additionalProperties": {"type": "string"}},
             "window": {"allOf": [_ref("Window")], "nullable": True},
+            "mirrors": {"type": "array", "maxItems": 64, "items": _ref("MirrorRule")},
+        },
+        "additionalProperties": False,
+    },
+    "MirrorRule": {
+        "type": "object",
+        "required": ["artifacts"],
+        "description": "download sources tried first by the hosts it matches (match and/or "
+        "wave); the first matching rule wins",
+        "properties": {
+            "match": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "labels a host must have",
+            },
+            "wave": {
+                "type": "string",
+                "description": "a wave's name: the rule applies while the rollout is on it",
+            },
+            "artifacts": {
+                "type": "object",
+                "properties": {
+                    r: {
+                        "type": "array",
+                        "items": {"type": "string", "format": "uri"},
+                        "minItems": 1,
+                        "maxItems": 16,
+                    }
+                    for r in ("bin", "cfg", "service")
+                },
+                "additionalProperties": False,
+            },
         },
         "additionalProperties": False,
     },

@@ -21,8 +21,9 @@ canary, also after an hbs restart, and different rollouts pick different ones. A
 hold ``max_in_flight`` upgrades at once; it is promoted once its hosts have confirmed the new
 version and ``bake_s`` has passed; its failure budget is ``max_failures`` failed attempts, or
 ``max_failure_ratio`` of its hosts, whichever is given (beyond it, the rollout halts).
-``mirrors`` gives some hosts (by their labels) download sources of their own: a mirror per
-site, tried before the release's URL and its mirrors.
+``mirrors`` gives some hosts (by their labels, and by the wave the rollout is on, for a rule
+that names one) download sources of their own: a mirror per site, tried before the release's
+URL and its mirrors.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import hashlib
 import math
 import re
 import zoneinfo
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,17 +129,23 @@ class MirrorRule:
         match: the hosts whose labels include all of these (``{"dc": "bj"}``).
         artifacts: for each role, URLs of the same bytes that these hosts try first, before
             the release's own URL and mirrors.
+        wave: when set, the rule applies only while the rollout is on the wave of this name
+            (a mirror seeded for the big waves, the origin for the canary).
     """
 
     match: Mapping[str, str]
     artifacts: Mapping[str, tuple[str, ...]]
+    wave: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object :meth:`Plan.from_json` reads."""
-        return {
+        out: dict[str, Any] = {
             "match": dict(self.match),
             "artifacts": {r: list(u) for r, u in self.artifacts.items()},
         }
+        if self.wave is not None:
+            out["wave"] = self.wave
+        return out
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,9 @@ class Plan:
         waves: in order; the last one usually reaches 100%.
         selector: only hosts whose labels include all of these take part.
         window: when set, no host is admitted outside it.
-        mirrors: the first rule a host's labels match puts its URLs first in the host's
-            order (the release's URL and mirrors follow); a host no rule matches gets the
-            release's.
+        mirrors: the first rule that a host's labels (and the rollout's current wave, for a
+            rule that names one) match puts its URLs first in the host's order (the
+            release's URL and mirrors follow); a host no rule matches gets the release's.
     """
 
     waves: tuple[Wave, ...]
@@ -159,9 +166,13 @@ class Plan:
     window: Window | None = None
     mirrors: tuple[MirrorRule, ...] = ()
 
-    def mirror_rule(self, labels: Mapping[str, str]) -> int | None:
-        """The index of the first mirror rule a host with ``labels`` matches, if any."""
+    def mirror_rule(self, labels: Mapping[str, str], wave: int | None = None) -> int | None:
+        """The index of the first mirror rule a host with ``labels`` matches while the
+        rollout is on wave index ``wave`` (``None``: only rules that name no wave), if any."""
+        name = self.waves[wave].name if wave is not None and wave < len(self.waves) else None
         for i, rule in enumerate(self.mirrors):
+            if rule.wave is not None and rule.wave != name:
+                continue
             if all(labels.get(k) == v for k, v in rule.match.items()):
                 return i
         return None
@@ -247,33 +258,40 @@ class Plan:
             waves=tuple(waves),
             selector=dict(selector_map),
             window=_window(_mapping(window, "plan.window")) if window is not None else None,
-            mirrors=_mirror_rules(obj.get("mirrors", [])),
+            mirrors=_mirror_rules(obj.get("mirrors", []), [w.name for w in waves]),
         )
 
 
 _ROLES = ("bin", "cfg", "service")
 
 
-def _mirror_rules(raw: object) -> tuple[MirrorRule, ...]:
+def _mirror_rules(raw: object, wave_names: Sequence[str]) -> tuple[MirrorRule, ...]:
     if not isinstance(raw, list):
-        raise FieldError("plan.mirrors", "must be a list of {match, artifacts}")
+        raise FieldError("plan.mirrors", "must be a list of {match, artifacts, wave}")
     if len(raw) > 64:
         raise FieldError("plan.mirrors", "at most 64 rules")
     rules = []
     for i, item in enumerate(raw):
         name = f"plan.mirrors[{i}]"
         obj = _mapping(item, name)
-        _no_unknown(obj, {"match", "artifacts"}, name)
+        _no_unknown(obj, {"match", "artifacts", "wave"}, name)
+        wave = obj.get("wave")
+        if wave is not None and wave not in wave_names:
+            raise FieldError(f"{name}.wave", f"names no wave of the plan; they are {wave_names}")
         match = _mapping(obj.get("match", {}), f"{name}.match")
         if (
-            not match
+            (not match and wave is None)
             or len(match) > 16
             or not all(
                 isinstance(k, str) and isinstance(v, str) and len(k) <= 128 and len(v) <= 256
                 for k, v in match.items()
             )
         ):
-            raise FieldError(f"{name}.match", "must map 1 to 16 label names to strings")
+            raise FieldError(
+                f"{name}.match",
+                "must map 1 to 16 label names to strings (or be left out, for a rule that names "
+                "a wave)",
+            )
         artifacts = _mapping(obj.get("artifacts"), f"{name}.artifacts")
         urls: dict[str, tuple[str, ...]] = {}
         for role, listed in artifacts.items():
@@ -290,7 +308,7 @@ def _mirror_rules(raw: object) -> tuple[MirrorRule, ...]:
             urls[role] = tuple(listed)
         if not urls:
             raise FieldError(f"{name}.artifacts", "must give URLs for at least one role")
-        rules.append(MirrorRule(dict(match), urls))
+        rules.append(MirrorRule(dict(match), urls, wave))
     return tuple(rules)
 
 

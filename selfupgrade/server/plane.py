@@ -158,7 +158,7 @@ class ControlPlane:
                 )
                 for b, r, g in zip(beats, reads, intervals, strict=True)
             ]
-            replies, actions = self._commit(task, beats, verdicts, now, intervals)
+            replies, actions = self._commit(task, beats, verdicts, now, intervals, rollout.wave)
             return self._paced(replies, rollout, reads, actions, task, now)
         except StoreError as exc:
             log.error("store failed; answering no order: %s", exc)
@@ -212,8 +212,10 @@ class ControlPlane:
         verdicts: list[Verdict],
         now: float,
         intervals: Sequence[float | None],
+        wave: int,
     ) -> tuple[list[Reply], list[Action]]:
-        """Commit the verdicts; return the replies and what each heartbeat finally meant."""
+        """Commit the verdicts; return the replies and what each heartbeat finally meant
+        (``wave``: the rollout's current wave, which picks a mirror rule that names one)."""
         replies = [NO_ORDER] * len(beats)
         actions = [v.decision.action for v in verdicts]
         pending = [(i, v.commit) for i, v in enumerate(verdicts) if v.commit is not None]
@@ -233,9 +235,8 @@ class ControlPlane:
                     self._cache.freed()
                 _log(task, beats[i], verdict)
                 if verdict.send:
-                    replies[i] = Reply(
-                        task, mirror_rule=task.effective_plan.mirror_rule(beats[i].labels)
-                    )
+                    rule = task.effective_plan.mirror_rule(beats[i].labels, wave)
+                    replies[i] = Reply(task, mirror_rule=rule)
         return replies, actions
 
     def _again(
