@@ -150,6 +150,13 @@ def test_hbs_checks_every_mirror_before_a_publish(mirrors: list[ArtifactServer])
 # ---- hbs: a mirror per site, by the hosts' labels ------------------------------------------
 
 
+def _served_release(origin: ArtifactServer) -> tuple[str, dict[str, object]]:
+    """Release 1.1 with its program served by ``origin``: the URL and the rollout's release."""
+    url = origin.add("bin_1.1", DATA)
+    digest = str(artifact([url]).digest)
+    return url, {"version": "1.1", "artifacts": {"bin": {"url": url, "digest": digest}}}
+
+
 def _order_for(hbs_url: str, host: str, labels: dict[str, str]) -> dict[str, object]:
     beat = {"host": host, "version": "1.0", "labels": labels}
     reply = httpx.post(f"{hbs_url}/selfupgrade/v1/heartbeat", json=beat, timeout=10)
@@ -168,12 +175,8 @@ def test_hbs_gives_each_site_its_mirror_first_and_checks_every_one(
     from examples.fleet import Hbs
 
     origin, bj, liar = mirrors
-    url = origin.add("bin_1.1", DATA)
+    url, release = _served_release(origin)
     bj_url = bj.add("bin_1.1", DATA)
-    release = {
-        "version": "1.1",
-        "artifacts": {"bin": {"url": url, "digest": str(artifact([url]).digest)}},
-    }
     plan = {
         "waves": [{"name": "all", "percent": 100, "max_in_flight": 10}],
         "mirrors": [{"match": {"dc": "bj"}, "artifacts": {"bin": [bj_url]}}],
@@ -231,12 +234,8 @@ def test_a_rule_that_names_a_wave_applies_from_that_wave_on(
     from examples.fleet import Hbs
 
     origin, seeded, _ = mirrors
-    url = origin.add("bin_1.1", DATA)
+    url, release = _served_release(origin)
     seeded_url = seeded.add("bin_1.1", DATA)
-    release = {
-        "version": "1.1",
-        "artifacts": {"bin": {"url": url, "digest": str(artifact([url]).digest)}},
-    }
     plan = {
         "waves": [
             {"name": "canary", "hosts": 1, "max_in_flight": 1, "bake_s": 0},
