@@ -246,9 +246,10 @@ def test_a_failing_build_is_undone_and_current_is_untouched(tmp_path: Path) -> N
     assert leftovers_in(root) == []
 
 
-def test_the_guard_starts_the_release_current_names_when_the_state_is_read_only(
+def test_the_version_on_disk_is_the_release_current_names_while_it_is_whole(
     tmp_path: Path,
 ) -> None:
+    """What a guard that cannot write the journal would start (``version_on_disk``)."""
     root = laid_out(tmp_path / "opt")
     inst = ReleaseInstaller(root)
     install(inst, root)

@@ -47,6 +47,7 @@ __all__ = [
     "JournaledInstaller",
     "check_room",
     "check_writable",
+    "ended",
     "open_installer",
     "read_journal",
     "sha256_file",
@@ -145,18 +146,28 @@ class JournaledInstaller:
 
     # ---- what subclasses provide ---------------------------------------------------------
 
-    def _recover_locked(
-        self, *, force_back: bool = False, messages: list[str] | None = None
-    ) -> Literal["forward", "back"] | None:
-        """Finish or undo an interrupted install or rollback (the trial is not touched)."""
+    def _roll_forward(self, state: dict[str, Any]) -> bool:
+        """Finish the interrupted install ``state["txn"]`` describes, if its journal says it
+        may be finished and its files allow it; ``False`` (nothing done) otherwise."""
+        raise NotImplementedError
+
+    def _undo_install(self, state: dict[str, Any], *, force_back: bool) -> Sequence[Path]:
+        """Put the old generation back and discard the new one's files (``force_back``: the
+        install failed in this process, wherever it was); return paths whose leftovers the
+        clean-up must also look for."""
         raise NotImplementedError
 
     def _rollback_locked(self, state: dict[str, Any], reason: str, *, now: float) -> str:
         """Restore the previous generation recorded in ``state``; return its version."""
         raise NotImplementedError
 
-    def _collect_garbage(self, state: Mapping[str, Any]) -> None:
-        """Delete what kills and finished transactions left that ``state`` no longer names."""
+    def _finish_rollback(self, state: dict[str, Any]) -> None:
+        """Carry out (again, after a crash) the rollback ``state["txn"]`` describes."""
+        raise NotImplementedError
+
+    def _collect_garbage(self, state: Mapping[str, Any], also: Sequence[Path] = ()) -> None:
+        """Delete what kills and finished transactions left that ``state`` no longer names
+        (also beside the paths in ``also``)."""
         raise NotImplementedError
 
     def _plan(
@@ -340,12 +351,9 @@ class JournaledInstaller:
             if txn is None or txn["kind"] != "trial":
                 return
             state["txn"] = None
-            state["last_result"] = {
-                "version": txn["to_version"],
-                "outcome": "confirmed",
-                "reason": "",
-                "at": time.time() if now is None else now,
-            }
+            state["last_result"] = ended(
+                txn["to_version"], "confirmed", "", time.time() if now is None else now
+            )
             self._save(state, step="journal:confirmed")
             log.info("%s confirmed healthy", txn["to_version"])
 
@@ -378,6 +386,33 @@ class JournaledInstaller:
                     f"{self._state_path}"
                 )
             return self._rollback_locked(state, reason, now=time.time() if now is None else now)
+
+    def _recover_locked(
+        self, *, force_back: bool = False, messages: list[str] | None = None
+    ) -> Literal["forward", "back"] | None:
+        """Finish or undo an interrupted install or rollback (the trial is not touched);
+        ``force_back`` undoes an install even where it could be finished."""
+        state = self._load()
+        txn = state.get("txn")
+        if txn is None or txn["kind"] == "trial":
+            return None
+        note = messages.append if messages is not None else (lambda _m: None)
+        if txn["kind"] == "rollback":
+            note(f"finishing an interrupted rollback to {txn['to_version']}")
+            self._finish_rollback(state)
+            return "back"
+        if not force_back and self._roll_forward(state):
+            note(f"finished the interrupted install of {txn['to_version']}")
+            return "forward"
+        also = self._undo_install(state, force_back=force_back)
+        state["txn"] = None
+        state["last_result"] = ended(
+            txn["to_version"], "rolled_back", "the install was interrupted and undone", time.time()
+        )
+        self._save(state, step="journal:undone")
+        self._collect_garbage(state, also)
+        note(f"undid the interrupted install of {txn['to_version']}")
+        return "back"
 
     def recover(self) -> Literal["forward", "back"] | None:
         """Finish or undo an interrupted transaction (``boot`` does this too).
@@ -472,6 +507,12 @@ def open_installer(state_dir: str | os.PathLike[str]) -> JournaledInstaller:
             "have; run the selfupgrade that wrote it"
         )
     return cls._from_journal(Path(state_dir), layout)
+
+
+def ended(version: str, outcome: str, reason: str, at: float) -> dict[str, Any]:
+    """The journal's record of how a trial or transaction ended (read as a
+    :class:`~selfupgrade.install.base.LastResult`)."""
+    return {"version": version, "outcome": outcome, "reason": reason, "at": at}
 
 
 def read_journal(path: Path) -> dict[str, Any] | None:

@@ -50,14 +50,13 @@ import os
 import re
 import secrets
 import stat
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 
 from .._system import System
 from ..errors import HostNotReady, InstallFailed, RecoveryFailed
-from ._journal import JournaledInstaller, check_room, check_writable, sha256_file
+from ._journal import JournaledInstaller, check_room, check_writable, ended, sha256_file
 from .base import DEFAULT_MODES, StagedFile
 
 __all__ = ["ReleaseInstaller"]
@@ -236,7 +235,7 @@ class ReleaseInstaller(JournaledInstaller):
             }
             state["current"] = current
         old_files: Files = dict(current["files"])
-        entries = [self._entry(f, old_files) for f in files]
+        entries = [self._entry(f, self.releases_dir / from_dir, old_files) for f in files]
         new_files = {**old_files, **{e["rel"]: e["sha256"] for e in entries}}
         if current.get("version") == version and new_files == old_files:
             return None
@@ -262,17 +261,14 @@ class ReleaseInstaller(JournaledInstaller):
         log.info("%s now points to releases/%s", self.current_link, state["txn"]["dir"])
         self._finish_install(state)
 
-    def _entry(self, f: StagedFile, old_files: Files) -> dict[str, Any]:
+    def _entry(self, f: StagedFile, old_dir: Path, old_files: Files) -> dict[str, Any]:
         rel = self._relative(Path(f.target))
         mode = f.mode
+        if mode is None and rel in old_files:
+            with contextlib.suppress(FileNotFoundError):
+                mode = stat.S_IMODE((old_dir / rel).stat().st_mode)
         if mode is None:
-            old = self.releases_dir / self.current_dir() / rel
-            try:
-                mode = stat.S_IMODE(old.stat().st_mode) if rel in old_files else None
-            except FileNotFoundError:
-                mode = None
-            if mode is None:
-                mode = DEFAULT_MODES[f.role]
+            mode = DEFAULT_MODES[f.role]
         return {
             "role": f.role.value,
             "rel": rel,
@@ -395,52 +391,29 @@ class ReleaseInstaller(JournaledInstaller):
             dropping.append(failed)
         state["dropping"] = dropping
         state["txn"] = None
-        state["last_result"] = {
-            "version": txn["from_version"],
-            "outcome": "rolled_back",
-            "reason": txn["reason"],
-            "at": txn["at"],
-        }
+        state["last_result"] = ended(txn["from_version"], "rolled_back", txn["reason"], txn["at"])
         self._save(state, step="journal:rolled_back")
         self._collect_garbage(state)
 
     # ---- recovery ------------------------------------------------------------------------
 
-    def _recover_locked(
-        self, *, force_back: bool = False, messages: list[str] | None = None
-    ) -> Literal["forward", "back"] | None:
-        state = self._load()
-        txn = state.get("txn")
-        if txn is None or txn["kind"] == "trial":
-            return None
-        note = messages.append if messages is not None else (lambda _m: None)
-        if txn["kind"] == "rollback":
-            note(f"finishing an interrupted rollback to {txn['to_version']}")
-            self._finish_rollback(state)
-            return "back"
-        new = self.releases_dir / txn["dir"]
-        if txn["phase"] == "built" and not force_back and _scan(new) == txn["files"]:
-            if self._points_at() != txn["dir"]:
-                self._sys.point_link(self.current_link, f"releases/{txn['dir']}", step="flip")
-            note(f"finished the interrupted install of {txn['to_version']}")
-            self._finish_install(state)
-            return "forward"
+    def _roll_forward(self, state: dict[str, Any]) -> bool:
+        txn = state["txn"]
+        if txn["phase"] != "built" or _scan(self.releases_dir / txn["dir"]) != txn["files"]:
+            return False
+        if self._points_at() != txn["dir"]:
+            self._sys.point_link(self.current_link, f"releases/{txn['dir']}", step="flip")
+        self._finish_install(state)
+        return True
+
+    def _undo_install(self, state: dict[str, Any], *, force_back: bool) -> Sequence[Path]:
+        txn = state["txn"]
         if self._points_at() != txn["from_dir"]:
             self._sys.point_link(self.current_link, f"releases/{txn['from_dir']}", step="unflip")
-        self._sys.remove_tree(new, step="discard:release")
+        self._sys.remove_tree(self.releases_dir / txn["dir"], step="discard:release")
         for e in txn["entries"]:
             self._sys.unlink(Path(e["staged"]), step=f"discard:{e['role']}")
-        state["txn"] = None
-        state["last_result"] = {
-            "version": txn["to_version"],
-            "outcome": "rolled_back",
-            "reason": "the install was interrupted and undone",
-            "at": time.time(),
-        }
-        self._save(state, step="journal:undone")
-        self._collect_garbage(state)
-        note(f"undid the interrupted install of {txn['to_version']}")
-        return "back"
+        return ()
 
     # ---- plumbing ------------------------------------------------------------------------
 
@@ -450,9 +423,10 @@ class ReleaseInstaller(JournaledInstaller):
         except HostNotReady:
             return None
 
-    def _collect_garbage(self, state: Mapping[str, Any]) -> None:
+    def _collect_garbage(self, state: Mapping[str, Any], also: Sequence[Path] = ()) -> None:
         """Finish deleting the directories marked for it, and delete the staged and temporary
-        files in ``releases/`` and the root that the journal no longer names."""
+        files in ``releases/`` and the root that the journal no longer names (``also`` adds
+        nothing here: every such file lives in those two directories)."""
         live = {(state.get(g) or {}).get("dir") for g in ("current", "previous")}
         for directory in state.get("dropping", []):
             gone = not os.path.lexists(self.releases_dir / directory)

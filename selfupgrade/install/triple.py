@@ -39,13 +39,12 @@ import os
 import re
 import secrets
 import stat
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..errors import InstallFailed, RecoveryFailed
-from ._journal import JournaledInstaller, check_room, check_writable, sha256_file
+from ._journal import JournaledInstaller, check_room, check_writable, ended, sha256_file
 from .base import DEFAULT_MODES, StagedFile
 
 __all__ = ["TripleInstaller"]
@@ -227,12 +226,7 @@ class TripleInstaller(JournaledInstaller):
         state["current"] = {"version": txn["to_version"], "files": current_files}
         state["previous"] = None
         state["txn"] = None
-        state["last_result"] = {
-            "version": txn["from_version"],
-            "outcome": "rolled_back",
-            "reason": txn["reason"],
-            "at": txn["at"],
-        }
+        state["last_result"] = ended(txn["from_version"], "rolled_back", txn["reason"], txn["at"])
         self._save(state, step="journal:rolled_back")
         self._collect_garbage(state, also=[Path(f["path"]) for f in txn["files"]])
 
@@ -254,27 +248,20 @@ class TripleInstaller(JournaledInstaller):
 
     # ---- recovery ------------------------------------------------------------------------
 
-    def _recover_locked(
-        self, *, force_back: bool = False, messages: list[str] | None = None
-    ) -> Literal["forward", "back"] | None:
-        state = self._load()
-        txn = state.get("txn")
-        if txn is None or txn["kind"] == "trial":
-            return None
-        note = messages.append if messages is not None else (lambda _m: None)
-        if txn["kind"] == "rollback":
-            note(f"finishing an interrupted rollback to {txn['to_version']}")
-            self._finish_rollback(state)
-            return "back"
+    def _roll_forward(self, state: dict[str, Any]) -> bool:
+        entries = state["txn"]["files"]
+        if state["txn"]["phase"] != "backed_up" or not self._can_finish(entries):
+            return False
+        for e in entries:
+            target = Path(e["path"])
+            if sha256_file(target) != e["new_sha256"]:
+                self._sys.replace(Path(e["staged"]), target, step=f"swap:{e['role']}")
+        self._finish_install(state)
+        return True
+
+    def _undo_install(self, state: dict[str, Any], *, force_back: bool) -> Sequence[Path]:
+        txn = state["txn"]
         entries = txn["files"]
-        if txn["phase"] == "backed_up" and not force_back and self._can_finish(entries):
-            for e in entries:
-                target = Path(e["path"])
-                if sha256_file(target) != e["new_sha256"]:
-                    self._sys.replace(Path(e["staged"]), target, step=f"swap:{e['role']}")
-            note(f"finished the interrupted install of {txn['to_version']}")
-            self._finish_install(state)
-            return "forward"
         if txn["phase"] == "backed_up" or force_back:
             for e in entries:
                 self._restore(
@@ -287,17 +274,7 @@ class TripleInstaller(JournaledInstaller):
                 )
         for e in entries:
             self._sys.unlink(Path(e["staged"]), step=f"discard:{e['role']}")
-        state["txn"] = None
-        state["last_result"] = {
-            "version": txn["to_version"],
-            "outcome": "rolled_back",
-            "reason": "the install was interrupted and undone",
-            "at": time.time(),
-        }
-        self._save(state, step="journal:undone")
-        self._collect_garbage(state, also=[Path(e["path"]) for e in entries])
-        note(f"undid the interrupted install of {txn['to_version']}")
-        return "back"
+        return [Path(e["path"]) for e in entries]
 
     @staticmethod
     def _can_finish(entries: Sequence[Mapping[str, Any]]) -> bool:
