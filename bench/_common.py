@@ -162,11 +162,18 @@ def wait_http(
 
 @contextlib.contextmanager
 def nginx(
-    *, static_root: Path | None = None, workers: str = "1", cpu: str | None = SERVER_CPU
+    *,
+    static_root: Path | None = None,
+    workers: str = "1",
+    cpu: str | None = SERVER_CPU,
+    slow_rate: str | None = None,
+    access_log: Path | None = None,
 ) -> Iterator[int]:
     """nginx on 127.0.0.1 and a free port: ``POST /fixed`` answers a fixed 200 JSON body;
-    other paths serve ``static_root``. By default one worker on the server's CPU, like hbs.
-    Yields the port."""
+    other paths serve ``static_root``, and ``/slow/<path>`` the same file at ``slow_rate``
+    bytes a second per connection (nginx's ``limit_rate``, e.g. ``"1m"``), when given. With
+    ``access_log``, each request's URI and bytes sent are written there as it ends. By
+    default one worker on the server's CPU, like hbs. Yields the port."""
     require("nginx")
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="su-bench-nginx-"))
@@ -181,7 +188,8 @@ pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    log_format sent '$request_uri $bytes_sent';
+    access_log {f"{access_log} sent" if access_log else "off"};
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
@@ -192,6 +200,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         root {root};
+        {f"location /slow/ {{ alias {root}/; limit_rate {slow_rate}; }}" if slow_rate else ""}
         location = /fixed {{
             default_type application/json;
             return 200 '{{"order":null}}';

@@ -31,11 +31,12 @@ from .errors import (
     UntrustedContent,
     disk_error,
 )
-from .models import Artifact
+from .models import Artifact, Patch, Version
 from .transport.base import Fetcher
 from .verify.base import StreamCheck, Verifier
+from .verify.digest import DigestCheck
 
-__all__ = ["Fetched", "download_artifact"]
+__all__ = ["Fetched", "PatchBase", "download_artifact"]
 
 log = logging.getLogger("selfupgrade.download")
 
@@ -64,14 +65,14 @@ class _Sink:
         check_room: Callable[[int], None] | None,
     ) -> None:
         self._fd = fd
-        self._dest = dest
-        self._check_room = check_room
+        self.dest = dest
+        self.check_room = check_room
         self._url = url
         self._factory = check_factory
         self.check = check_factory()
-        self._max = max_bytes
-        self._deadline = deadline
-        self._clock = clock
+        self.max_bytes = max_bytes
+        self.deadline = deadline
+        self.clock = clock
         self._received = 0
         self._written = 0
         self._pending: _Batch = []
@@ -89,16 +90,16 @@ class _Sink:
         self.take(bytes(chunk))  # a no-op for bytes; anything else may be reused by its owner
 
     def take(self, chunk: bytes | bytearray) -> None:
-        if self._clock() > self._deadline:
+        if self.clock() > self.deadline:
             raise DeadlineExceeded(
                 f"GET {self._url}: deadline passed after {self._received} bytes", url=self._url
             )
         size = len(chunk)
-        if self._received + size > self._max:
+        if self._received + size > self.max_bytes:
             raise SizeMismatch(
-                f"{self._url} sent more than the allowed {self._max} bytes",
+                f"{self._url} sent more than the allowed {self.max_bytes} bytes",
                 url=self._url,
-                expected=self._max,
+                expected=self.max_bytes,
                 actual=self._received + size,
             )
         self._received += size
@@ -110,8 +111,8 @@ class _Sink:
                 worker.put(batch)
 
     def announce(self, size: int) -> None:
-        if self._check_room is not None:
-            self._check_room(size)
+        if self.check_room is not None:
+            self.check_room(size)
 
     def _write_batch(self, batch: _Batch) -> None:
         start = self._written
@@ -122,7 +123,7 @@ class _Sink:
                     written = os.write(self._fd, view)
                     view = view[written:]
             except OSError as exc:  # the local disk, not the network
-                raise disk_error(exc, self._dest, "writing the download to") from exc
+                raise disk_error(exc, self.dest, "writing the download to") from exc
             self._written += len(chunk)
         if self._workers[0].threaded:
             _write_back(self._fd, start, self._written - start)
@@ -249,6 +250,7 @@ def download_artifact(
     clock: Callable[[], float] = time.monotonic,
     on_verifying: Callable[[], None] | None = None,
     check_room: Callable[[int], None] | None = None,
+    base: PatchBase | None = None,
 ) -> Fetched:
     """Fetch ``artifact`` into the new file ``dest``, verify it, fsync it.
 
@@ -258,6 +260,12 @@ def download_artifact(
     pieces make the file); bytes that fail their size or digest check are thrown away, and the
     next URL gives the whole file. A full disk, the deadline or an order the verifier refuses
     end it at once.
+
+    ``base`` names the running version and the file this artifact replaces. When the
+    artifact has a patch from that version (and zstandard is installed), the patch is fetched
+    into ``base.scratch`` and applied first, within half the deadline; what it builds is held
+    to the same size and verifier as a download. If anything about the patch fails, the whole
+    artifact is fetched as above, without asking the server.
 
     ``dest`` is created exclusively (mode 0600) and, when this raises, removed.
     ``check_room(size)`` is called with the size the artifact or its server announces, before
@@ -273,19 +281,89 @@ def download_artifact(
             announced size cannot fit).
     """
     cap = max_bytes if artifact.size is None else min(max_bytes, artifact.size)
+    now = clock()
+    patch = artifact.patch_from(base.version) if base is not None else None
+    if patch is not None and base is not None:
+        try:
+            return _into(
+                dest,
+                artifact,
+                lambda: verifier.begin(artifact),
+                lambda sink: _apply(artifact, patch, base, sink, fetcher, max_bytes, on_verifying),
+                max_bytes=cap,
+                deadline=now + timeout_s / 2,
+                clock=clock,
+                check_room=check_room,
+            )
+        except Exception as exc:  # whatever went wrong, the whole artifact is the way on
+            log.warning(
+                "the patch from %s for the %s artifact failed (%s); fetching the whole of it",
+                patch.from_version,
+                artifact.role.value,
+                exc,
+            )
+    return _into(
+        dest,
+        artifact,
+        lambda: verifier.begin(artifact),
+        lambda sink: _from_each_url(artifact, sink, fetcher, on_verifying),
+        max_bytes=cap,
+        deadline=now + timeout_s,
+        clock=clock,
+        check_room=check_room,
+    )
+
+
+@dataclass(frozen=True)
+class PatchBase:
+    """What a patch applies to: the running ``version``, its installed file at ``path``, and
+    ``scratch``, a new path for the patch's own bytes (removed afterwards; the installer's
+    :meth:`~selfupgrade.install.base.Installer.staging_path`, so that a crash's leftover is
+    cleaned up like a download's)."""
+
+    version: Version
+    path: Path
+    scratch: Path
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A download that succeeded: its size, the URL that gave its last bytes, and the URLs
+    that gave earlier bytes of it (``()`` when one URL gave it all); ``patch`` is the patch
+    the file was built from (``url`` is then the patch's), else ``None``."""
+
+    size: int
+    url: str
+    resumed_from: tuple[str, ...] = ()
+    patch: Patch | None = None
+
+
+def _into(
+    dest: Path,
+    artifact: Artifact,
+    check_factory: Callable[[], StreamCheck],
+    fill: Callable[[_Sink], Fetched],
+    *,
+    max_bytes: int,
+    deadline: float,
+    clock: Callable[[], float],
+    check_room: Callable[[int], None] | None,
+) -> Fetched:
+    """Create ``dest``, let ``fill`` pour ``artifact``'s bytes into a sink on it (within
+    ``max_bytes`` and ``deadline``, each checked by ``check_factory()``), fsync it; remove
+    it if anything fails."""
     try:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise disk_error(exc, dest, "creating the download file") from exc
     ok = False
-    deadline = clock() + timeout_s
     sink: _Sink | None = None
     try:
         sink = _Sink(
             fd,
             artifact.url,
-            lambda: verifier.begin(artifact),
-            max_bytes=cap,
+            check_factory,
+            max_bytes=max_bytes,
             deadline=deadline,
             clock=clock,
             dest=dest,
@@ -293,7 +371,7 @@ def download_artifact(
         )
         if artifact.size is not None:
             sink.announce(artifact.size)
-        fetched = _from_each_url(artifact, sink, fetcher, cap, deadline, on_verifying)
+        fetched = fill(sink)
         try:
             os.fsync(fd)
         except OSError as exc:
@@ -317,22 +395,80 @@ def download_artifact(
                 os.unlink(dest)
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """A download that succeeded: its size, the URL that gave its last bytes, and the URLs
-    that gave earlier bytes of it (``()`` when one URL gave it all)."""
+def _apply(
+    artifact: Artifact,
+    patch: Patch,
+    base: PatchBase,
+    sink: _Sink,
+    fetcher: Fetcher,
+    max_bytes: int,
+    on_verifying: Callable[[], None] | None,
+) -> Fetched:
+    """Fetch ``patch`` into ``base.scratch`` (held to its own digest), apply it to
+    ``base.path`` (read whole, at most ``max_bytes``) into the sink, and check the result as
+    a download of ``artifact``."""
+    from . import _delta
 
-    size: int
-    url: str
-    resumed_from: tuple[str, ...] = ()
+    _delta.zstandard()  # before any byte is fetched: without it the patch is no use
+    with open(base.path, "rb") as f:  # the dictionary: the installed file, in memory
+        old = f.read(max_bytes + 1)
+    if len(old) > max_bytes:
+        raise SizeMismatch(
+            f"the installed {base.path} is larger than the {max_bytes} bytes allowed",
+            url=patch.url,
+            expected=max_bytes,
+            actual=len(old),
+        )
+    patch_path = base.scratch
+    as_artifact = Artifact(artifact.role, patch.url, patch.digest, size=patch.size)
+    try:
+        fetched = _into(
+            patch_path,
+            as_artifact,
+            lambda: DigestCheck(patch.url, patch.digest),
+            lambda patch_sink: _from_each_url(as_artifact, patch_sink, fetcher, None),
+            max_bytes=sink.max_bytes if patch.size is None else min(patch.size, sink.max_bytes),
+            deadline=sink.deadline,
+            clock=sink.clock,
+            check_room=sink.check_room,
+        )
+        with open(patch_path, "rb") as f:
+            _delta.apply_patch(old, f, sink.take, max_output=sink.max_bytes)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(patch_path)
+    _check_whole(artifact, sink, patch.url, on_verifying)
+    log.info(
+        "built the %s artifact from the patch from %s (%d bytes fetched instead of %d)",
+        artifact.role.value,
+        patch.from_version,
+        fetched.size,
+        sink.received,
+    )
+    return Fetched(sink.received, patch.url, patch=patch)
+
+
+def _check_whole(
+    artifact: Artifact, sink: _Sink, url: str, on_verifying: Callable[[], None] | None
+) -> None:
+    """Raise unless the sink holds exactly ``artifact``'s size and passes its check."""
+    sink.drain()
+    if artifact.size is not None and sink.received != artifact.size:
+        raise SizeMismatch(
+            f"{url} ended after {sink.received} of {artifact.size} bytes",
+            url=url,
+            expected=artifact.size,
+            actual=sink.received,
+        )
+    if on_verifying is not None:
+        on_verifying()
+    sink.check.finish()
 
 
 def _from_each_url(
     artifact: Artifact,
     sink: _Sink,
     fetcher: Fetcher,
-    cap: int,
-    deadline: float,
     on_verifying: Callable[[], None] | None,
 ) -> Fetched:
     """Fill ``sink`` from ``artifact``'s URLs in turn until its bytes pass their checks."""
@@ -342,18 +478,8 @@ def _from_each_url(
     for i, url in enumerate(urls):
         last = i == len(urls) - 1
         try:
-            _fetch(fetcher, url, sink, deadline, cap)
-            sink.drain()
-            if artifact.size is not None and sink.received != artifact.size:
-                raise SizeMismatch(
-                    f"{url} ended after {sink.received} of {artifact.size} bytes",
-                    url=url,
-                    expected=artifact.size,
-                    actual=sink.received,
-                )
-            if on_verifying is not None:
-                on_verifying()
-            sink.check.finish()
+            _fetch(fetcher, url, sink)
+            _check_whole(artifact, sink, url, on_verifying)
             return Fetched(sink.received, url, tuple(earlier))
         except (DeadlineExceeded, HostNotReady):
             raise  # not the server's doing: another URL would not help
@@ -386,9 +512,9 @@ def _from_each_url(
     raise AssertionError("unreachable: the last URL returns or raises")
 
 
-def _fetch(fetcher: Fetcher, url: str, sink: _Sink, deadline: float, cap: int) -> None:
+def _fetch(fetcher: Fetcher, url: str, sink: _Sink) -> None:
     try:
-        fetcher.fetch(url, sink, deadline=deadline, max_bytes=cap)
+        fetcher.fetch(url, sink, deadline=sink.deadline, max_bytes=sink.max_bytes)
     except SelfUpgradeError:
         raise
     except Exception as exc:  # a plug-in's own failure: never let it escape unmapped

@@ -1,16 +1,20 @@
-"""``selfupgrade release keygen|sign|verify``: keys and signed manifests (needs the ``sign`` extra).
+"""``selfupgrade release keygen|sign|verify|patch``: keys and signed manifests (the ``sign``
+extra), and delta patches (the ``delta`` extra).
 
     selfupgrade release keygen --out keys/ --name release-1
     selfupgrade release sign --key keys/release-1.key --dir files/ --version 6.0.1 \\
         --product falcon-agent --platform linux-x86_64 --expires-days 30 --out manifest.json
     selfupgrade release verify --manifest manifest.json --trust keys/release-1.pub --dir files/ \\
         --product falcon-agent --platform linux-x86_64
+    selfupgrade release patch --old files/bin_6.0.0 --new files/bin_6.0.1 --from 6.0.0 \
+        --out files/bin_6.0.0-6.0.1.zst --url http://files.example/bin_6.0.0-6.0.1.zst
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 import time
@@ -63,9 +67,22 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--platform", help="expected platform (default: the manifest's)")
     v.add_argument("--dir", type=Path, help="also check the files in this directory")
 
+    d = rs.add_parser(
+        "patch",
+        help="make a delta patch from an earlier version's file; print its release entry",
+    )
+    d.add_argument("--old", type=Path, required=True, help="the earlier version's file")
+    d.add_argument("--new", type=Path, required=True, help="the new version's file")
+    d.add_argument("--from", dest="from_version", required=True, help="the earlier version")
+    d.add_argument("--out", type=Path, required=True, help="the patch to write (a new file)")
+    d.add_argument("--url", help="where the patch will be served (for the printed entry)")
+    d.add_argument("--level", type=int, default=19, help="zstd level, 1 to 22 (default 19)")
+
 
 def run(args: argparse.Namespace) -> int:
     """Carry out ``selfupgrade release ...``; return the exit status."""
+    if args.release_command == "patch":
+        return _patch(args)
     try:
         from .verify import signature as sig
     except ImportError as exc:
@@ -144,3 +161,37 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # every failure is a message and exit status 1, never a traceback
         print(f"selfupgrade release {cmd}: {exc}", file=sys.stderr)
         return 1
+
+
+def _patch(args: argparse.Namespace) -> int:
+    """Write the patch from ``--old`` to ``--new`` and print the JSON entry of the new
+    artifact's ``patches`` list (the URL left out unless ``--url`` gives it)."""
+    from . import _delta
+    from .models import Digest, Patch, check_url, parse_version
+
+    try:
+        version = parse_version(args.from_version)
+        if args.url is not None:
+            check_url(args.url)
+        if not 1 <= args.level <= 22:
+            raise ValueError(f"--level must be between 1 and 22, got {args.level}")
+        old, new = args.old.read_bytes(), args.new.read_bytes()
+        if old == new:
+            raise ValueError(f"{args.old} and {args.new} are the same bytes: no patch is needed")
+        patch = _delta.make_patch(old, new, level=args.level)
+        with open(args.out, "xb") as f:  # never overwrite: a served patch may be in use
+            f.write(patch)
+    except Exception as exc:  # every failure is a message and exit status 1, never a traceback
+        print(f"selfupgrade release patch: {exc}", file=sys.stderr)
+        return 1
+    digest = Digest("sha256", hashlib.sha256(patch).hexdigest())
+    entry = Patch(version, args.url or "http://url.invalid/", digest, len(patch)).to_wire()
+    if args.url is None:
+        del entry["url"]
+    print(json.dumps(entry))
+    print(
+        f"wrote {args.out}: {len(patch):,} bytes for {len(new):,} "
+        f"({len(patch) / len(new):.2%} of the whole file)",
+        file=sys.stderr,
+    )
+    return 0

@@ -34,6 +34,7 @@ __all__ = [
     "Digest",
     "HashAlgorithm",
     "Heartbeat",
+    "Patch",
     "Release",
     "Role",
     "UpgradeOrder",
@@ -243,6 +244,79 @@ class Digest:
 
 
 @dataclass(frozen=True)
+class Patch:
+    """A delta from one earlier version's file to an artifact's bytes (zstd's patch-from
+    format: the earlier file is the dictionary; ``selfupgrade release patch`` makes one).
+
+    An agent running ``from_version`` may fetch this instead of the whole artifact. What the
+    patch builds is held to the artifact's own digest (and signature), so a wrong patch can
+    only cost a full download, never install other bytes.
+
+    Attributes:
+        from_version: the version whose installed file the patch applies to.
+        url: an http or https address of the patch.
+        digest: the digest of the patch's own bytes.
+        size: the patch's exact size in bytes, when known.
+
+    Raises:
+        UnsafeURL, InvalidVersion, ValueError: when a field is not acceptable.
+    """
+
+    from_version: Version
+    url: str
+    digest: Digest
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.from_version, Version):
+            object.__setattr__(self, "from_version", parse_version(self.from_version))
+        check_url(self.url)
+        if not isinstance(self.digest, Digest):
+            raise ValueError(f"a patch's digest must be a Digest, got {self.digest!r}")
+        _check_size(self.size)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object of an order's ``patches`` list."""
+        return _drop_none(
+            {
+                "from": str(self.from_version),
+                "url": self.url,
+                "digest": str(self.digest),
+                "size": self.size,
+            }
+        )
+
+    @classmethod
+    def from_wire(cls, data: object, name: str) -> Patch:
+        """Build a patch from its JSON object; ``name`` names it in errors.
+
+        Raises:
+            ValueError: (``InvalidVersion``, ``UnsafeURL`` among them) naming the field.
+        """
+        obj = _require_mapping(data, name)
+        unknown = set(obj) - {"from", "url", "digest", "size"}
+        if unknown:
+            raise ValueError(f"{name}: unknown field(s) {sorted(unknown)}")
+        digest = obj.get("digest")
+        if not isinstance(digest, str):
+            raise ValueError(f"{name}.digest must be a string")
+        try:
+            return cls(
+                from_version=parse_version(obj.get("from")),
+                url=cast(str, obj.get("url")),
+                digest=Digest.parse(digest),
+                size=cast("int | None", obj.get("size")),
+            )
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
+
+
+def _check_size(size: object) -> None:
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise ValueError(f"size must be a non-negative integer, got {size!r}")
+
+
+@dataclass(frozen=True)
 class Artifact:
     """One file of a release: where to get it, what it must hash to, where it goes.
 
@@ -255,6 +329,7 @@ class Artifact:
         size: the exact size in bytes, when known (a download of another size is refused).
         target: a path relative to the install directory; ``None`` means the role's default.
         mode: the file mode to install with; ``None`` keeps the mode of the file it replaces.
+        patches: deltas from earlier versions to these bytes, at most one per version.
 
     Raises:
         UnsafeURL, UnsafePath, ValueError: when a field is not acceptable.
@@ -267,8 +342,10 @@ class Artifact:
     target: str | None = None
     mode: int | None = None
     mirrors: tuple[str, ...] = ()
+    patches: tuple[Patch, ...] = ()
 
     MAX_MIRRORS = 16
+    MAX_PATCHES = 16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
@@ -282,10 +359,17 @@ class Artifact:
             if not isinstance(mirror, str):
                 raise ValueError(f"mirrors must be URLs (strings), got {mirror!r}")
             check_url(mirror)
-        if self.size is not None and (
-            isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0
-        ):
-            raise ValueError(f"size must be a non-negative integer, got {self.size!r}")
+        _check_size(self.size)
+        if isinstance(self.patches, (str, bytes)) or not isinstance(self.patches, (tuple, list)):
+            raise ValueError(f"patches must be a list, got {self.patches!r}")
+        object.__setattr__(self, "patches", tuple(self.patches))
+        if len(self.patches) > self.MAX_PATCHES:
+            raise ValueError(f"at most {self.MAX_PATCHES} patches, got {len(self.patches)}")
+        if not all(isinstance(p, Patch) for p in self.patches):
+            raise ValueError("patches must be Patch values")
+        sources = [p.from_version for p in self.patches]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"one patch per earlier version, got {[str(v) for v in sources]}")
         if self.target is not None:
             check_relative_target(self.target)
         if self.mode is not None and (
@@ -299,6 +383,10 @@ class Artifact:
     def urls(self) -> tuple[str, ...]:
         """``url``, then the mirrors: where the bytes are, in the order to try them."""
         return (self.url, *self.mirrors)
+
+    def patch_from(self, version: Version) -> Patch | None:
+        """The patch that applies to ``version``'s file, if the release has one."""
+        return next((p for p in self.patches if p.from_version == version), None)
 
 
 @dataclass(frozen=True)
@@ -377,6 +465,7 @@ class UpgradeOrder:
                         "target": a.target,
                         "mode": a.mode,
                         "mirrors": list(a.mirrors) or None,
+                        "patches": [p.to_wire() for p in a.patches] or None,
                     }
                 )
                 for a in self.release.artifacts
@@ -418,6 +507,7 @@ class UpgradeOrder:
                     target=cast("str | None", spec.get("target")),
                     mode=cast("int | None", spec.get("mode")),
                     mirrors=cast("tuple[str, ...]", spec.get("mirrors") or ()),
+                    patches=_patches(spec.get("patches"), f"order.artifacts.{role_name}.patches"),
                 )
             )
         task_id = obj.get("task_id", "")
@@ -562,6 +652,16 @@ _STATES: Mapping[str, UpgradeState] = {s.value: s for s in UpgradeState}
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
+
+
+def _patches(value: object, name: str) -> tuple[Patch, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"{name} must be a list of patches")
+    if len(value) > Artifact.MAX_PATCHES:
+        raise ValueError(f"{name}: at most {Artifact.MAX_PATCHES} patches, got {len(value)}")
+    return tuple(Patch.from_wire(p, f"{name}[{i}]") for i, p in enumerate(value))
 
 
 def _require_mapping(value: object, name: str) -> Mapping[str, Any]:

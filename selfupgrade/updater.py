@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._download import download_artifact
+from ._download import PatchBase, download_artifact
 from .errors import (
     OrderRejected,
     RestartFailed,
@@ -508,7 +508,8 @@ class Updater:
         staged: list[StagedFile] = []
         try:
             for artifact in order.release.artifacts:
-                path = self._installer.staging_path(targets[artifact.role])
+                target = targets[artifact.role]
+                path = self._installer.staging_path(target)
                 fetched = download_artifact(
                     artifact,
                     path,
@@ -517,7 +518,8 @@ class Updater:
                     max_bytes=self.config.max_download_bytes,
                     timeout_s=self.config.download_timeout_s,
                     on_verifying=lambda: self._set(UpgradeState.VERIFYING),
-                    check_room=functools.partial(self._room_for, targets[artifact.role]),
+                    check_room=functools.partial(self._room_for, target),
+                    base=self._patch_base(artifact, target),
                 )
                 with self._lock:
                     self._served_by[artifact.role.value] = fetched.url[:256]
@@ -555,6 +557,13 @@ class Updater:
             log.error("the restart into %s failed; %s is back on disk", order.version, restored)
             raise
         return True
+
+    def _patch_base(self, artifact: Artifact, target: Path) -> PatchBase | None:
+        """What a patch of ``artifact`` applies to: the running version's file at ``target``
+        (``None`` when the release has no patch from this version or the file is missing)."""
+        if artifact.patch_from(self.version) is None or not target.is_file():
+            return None
+        return PatchBase(self.version, target, self._installer.staging_path(target))
 
     def _room_for(self, target: Path, size: int) -> None:
         """Refuse a download whose announced ``size`` cannot fit beside ``target``."""

@@ -3,10 +3,11 @@
 An unmodified falcon agent cannot survive a bad download (an unreachable URL leaves it with an
 empty, non-executable program), so hbs must never order bytes that are not there. Before a
 publish is accepted, and again before each wave starts and periodically during a rollout, each
-artifact of the release is fetched once: http or https only, at most ``max_bytes``, within
-``deadline_s`` in all, and its size and digest compared with the release's. Anything else
-(an unreachable host, a non-200 answer, too many bytes, too slow, the wrong digest) raises
-:class:`ArtifactUnavailable`, naming the URL and what hbs got.
+artifact of the release is fetched once from each of its URLs, and each of its patches: http
+or https only, at most ``max_bytes``, within ``deadline_s`` in all, and its size and digest
+compared with the release's. Anything else (an unreachable host, a non-200 answer, too many
+bytes, too slow, the wrong digest) raises :class:`ArtifactUnavailable`, naming the URL and
+what hbs got.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
-from ..models import Artifact, Release, check_url
+from ..models import Digest, Release, check_url
 from ._fields import FieldError
 
 __all__ = ["ArtifactCheck", "ArtifactUnavailable"]
@@ -61,8 +62,8 @@ class ArtifactCheck:
         self._clock = clock
 
     def check(self, release: Release, field_name: str = "release") -> None:
-        """Fetch every artifact of ``release`` from each of its URLs (its mirrors too);
-        return when each gives the bytes described.
+        """Fetch every artifact of ``release`` from each of its URLs (its mirrors too) and
+        each of its patches; return when each gives the bytes described.
 
         Raises:
             ArtifactUnavailable: for the first URL that does not, with ``field_name`` as the
@@ -81,12 +82,14 @@ class ArtifactCheck:
         seen: set[tuple[str, str]] = set()
         for field_name, release in releases:
             for artifact in release.artifacts:
-                for url in artifact.urls:
+                wanted = [(url, artifact.size, artifact.digest) for url in artifact.urls]
+                wanted += [(p.url, p.size, p.digest) for p in artifact.patches]
+                for url, size, digest in wanted:
                     if (artifact.role.value, url) not in seen:
                         seen.add((artifact.role.value, url))
-                        self._check_one(artifact, url, field_name)
+                        self._check_one(url, size, digest, field_name)
 
-    def _check_one(self, artifact: Artifact, url: str, field_name: str) -> None:
+    def _check_one(self, url: str, size: int | None, expected: Digest, field_name: str) -> None:
 
         def refuse(what: str) -> ArtifactUnavailable:
             return ArtifactUnavailable(field_name, url, what)
@@ -95,10 +98,10 @@ class ArtifactCheck:
             check_url(url)
         except ValueError as exc:
             raise refuse(str(exc)) from None
-        limit = self.max_bytes if artifact.size is None else min(self.max_bytes, artifact.size)
+        limit = self.max_bytes if size is None else min(self.max_bytes, size)
         started = self._clock()
         timeout = httpx.Timeout(min(self.deadline_s, 10.0))
-        digest = hashlib.new(artifact.digest.algorithm)
+        digest = hashlib.new(expected.algorithm)
         got = 0
         try:
             with (
@@ -117,17 +120,16 @@ class ArtifactCheck:
                     if got > limit:
                         raise refuse(
                             f"more than {limit} bytes"
-                            + (" (the release's size)" if artifact.size is not None else "")
+                            + (" (the release's size)" if size is not None else "")
                         )
                     if self._clock() - started > self.deadline_s:
                         raise refuse(f"not fetched within {self.deadline_s:g} s ({got} bytes)")
                     digest.update(chunk)
         except httpx.HTTPError as exc:
             raise refuse(f"could not be fetched: {type(exc).__name__}: {exc}") from None
-        if artifact.size is not None and got != artifact.size:
-            raise refuse(f"{got} bytes, the release says {artifact.size}")
-        if not artifact.digest.matches(digest.hexdigest()):
+        if size is not None and got != size:
+            raise refuse(f"{got} bytes, the release says {size}")
+        if not expected.matches(digest.hexdigest()):
             raise refuse(
-                f"{artifact.digest.algorithm} is {digest.hexdigest()}, "
-                f"the release says {artifact.digest.hex}"
+                f"{expected.algorithm} is {digest.hexdigest()}, the release says {expected.hex}"
             )

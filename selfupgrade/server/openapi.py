@@ -88,6 +88,23 @@ _SCHEMAS: dict[str, Any] = {
                 "maxItems": 16,
                 "description": "more URLs of the same bytes, tried in order after url",
             },
+            "patches": {
+                "type": "array",
+                "items": _ref("Patch"),
+                "maxItems": 16,
+                "description": "zstd patch-from deltas from earlier versions to these bytes",
+            },
+        },
+    },
+    "Patch": {
+        "type": "object",
+        "required": ["from", "url", "digest"],
+        "additionalProperties": False,
+        "properties": {
+            "from": _VERSION,
+            "url": {"type": "string", "format": "uri"},
+            "digest": {"type": "string", "example": "sha256:9f86d08..."},
+            "size": {"type": "integer", "minimum": 0},
         },
     },
     "Release": {
