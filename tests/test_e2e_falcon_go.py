@@ -221,7 +221,7 @@ def test_config_only_and_both_files_tasks_complete_with_one_restart_each(
                     explain=hbs.log,
                 )
                 took = time.monotonic() - started
-                time.sleep(12)  # two more heartbeats: no agent restarts again
+                time.sleep(5)  # two more heartbeats: no agent restarts again
                 restarts = {n: fleet.starts(n) - before[n] for n in fleet.names}
                 figures.append(f"type {kind}: done in {took:.1f} s, restarts {restarts}")
                 assert restarts == dict.fromkeys(fleet.names, 1), restarts
@@ -270,7 +270,7 @@ def test_no_order_for_bytes_that_are_not_there(
                 assert reply.status_code == 400, (what, reply.text)
                 assert body["wgeturl"] in error and expected in error
             assert hbs.status()["task"] is None
-            time.sleep(11)  # two heartbeats of every agent: nothing to order
+            time.sleep(5)  # two heartbeats of every agent: nothing to order
             assert "ordered" not in hbs.log()
             assert all(fleet.orders(n) == 0 for n in fleet.names)
 
@@ -287,7 +287,7 @@ def test_no_order_for_bytes_that_are_not_there(
             )
             took = time.monotonic() - stopped
             counters = hbs.status()["counters"]
-            time.sleep(11)  # nothing more is ordered once it stopped
+            time.sleep(5)  # two heartbeats: nothing more is ordered once it stopped
             ordered = {n: fleet.orders(n) for n in fleet.names}
             upgraded = [n for n in fleet.names if fleet.program(n) == new]
             touched = [n for n in fleet.names if ordered[n] and n not in upgraded]
@@ -338,7 +338,7 @@ def test_hosts_bricked_by_a_vanished_artifact_server_halt_the_rollout_by_their_s
             )
             took = time.monotonic() - stopped
             counters = hbs.status()["counters"]
-            time.sleep(11)  # nothing more is ordered once it halted
+            time.sleep(5)  # two heartbeats: nothing more is ordered once it halted
             ordered = {n: fleet.orders(n) for n in fleet.names}
             upgraded = [n for n in fleet.names if fleet.program(n) == new]
             bricked = [
