@@ -321,3 +321,50 @@ def test_a_host_done_with_the_cancelled_rollout_gives_its_slot_back_when_it_repo
     assert send(plane, beat("a", "1.1")) is not None  # done with t1: its slot moves to t2
     assert store.rollout("t1", clock.now).in_flight == 0
     assert store.rollout("t2", clock.now).in_flight == 1
+
+
+# ---- silence behind a network partition ------------------------------------------------------
+
+
+def _fleet_on_old(clock: Clock, plane: ControlPlane, hosts: list[str]) -> None:
+    for _ in range(3):  # three beats 5 s apart: an interval of 5 s for each
+        plane.answer([legacy(h, process=f"{h}/1") for h in hosts])
+        clock.now += 5
+
+
+@pytest.mark.parametrize("cut_off", [0, 4])
+def test_slot_holders_silent_alone_fail_and_silent_with_others_keep_their_slot(
+    cut_off: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ten hosts, three slots. The three ordered go silent. Alone (the seven others beat on:
+    bricked by their order), each fails its attempt after its grace. With four slotless
+    hosts silent too (a network partition), their leases are renewed instead, the slots
+    stay held (no fourth host is ordered) and nothing fails; when the partition heals they
+    finish."""
+    clock = Clock()
+    store = MemoryStore()
+    plane = ControlPlane(store, PlaneConfig(task_cache_s=0), clock=clock)
+    hosts = [f"h{i}" for i in range(10)]
+    _fleet_on_old(clock, plane, hosts)
+    plane.commands.publish(task(limit=3, lease_s=180))
+    ordered_hosts = [h for h in hosts if send(plane, legacy(h, process=f"{h}/1")) is not None]
+    assert len(ordered_hosts) == 3
+    others = [h for h in hosts if h not in ordered_hosts]
+    beating = others[cut_off:]  # the first cut_off of them are silent from now on
+    for _ in range(60):  # 60 s: past the grace (3 x 5 + 30 = 45 s), hbs ticking every second
+        clock.now += 1
+        if int(clock.now) % 5 == 0:
+            orders = [plane.answer([legacy(h, process=f"{h}/1")])[0].order for h in beating]
+            assert all(o is None for o in orders) or cut_off == 0
+        plane.tick()
+    states = {h: progress(store, "t1", h).state for h in ordered_hosts}  # type: ignore[union-attr]
+    failures = store.rollout("t1", clock.now).failures
+    print(f"{cut_off} slotless hosts silent too: {states}, failures {failures}")
+    if cut_off == 0:
+        assert set(states.values()) == {"backoff"} and failures >= 3  # then others' turn
+        return
+    assert set(states.values()) == {"admitted"} and failures == 0
+    assert "a network partition?" in caplog.text
+    for h in ordered_hosts:  # the partition heals: each restarted into 1.1
+        plane.answer([legacy(h, "1.1", process=f"{h}/2")])
+    assert all(progress(store, "t1", h).state == "done" for h in ordered_hosts)  # type: ignore[union-attr]

@@ -54,6 +54,11 @@ class PlaneConfig:
         deaf_after_s: when housekeeping last completed longer ago than this (the store
             failed or stalled, hbs was stopped or paused), hbs could not hear anyone meanwhile:
             leases that ran out in that time are renewed, not failed.
+        partition_share: when at least this share (and at least three) of the hosts heard
+            lately that hold no slot went silent with a host whose lease ran out, hbs takes it
+            for a network partition, not a failure of that host: its lease is renewed and
+            its slot kept (its real upgrade may go on behind the partition); ``0`` turns it
+            off. See :meth:`~selfupgrade.server.fleet.FleetView.quiet`.
         pacing: tell each host in its heartbeat reply when to beat next
             (:mod:`~selfupgrade.server.pacing`); ``None``: say nothing, hosts beat at their
             own interval.
@@ -71,12 +76,16 @@ class PlaneConfig:
     new_hosts_per_source: int = 100
     new_hosts_window_s: float = 600.0
     host_ttl_s: float = 14 * 86400.0
+    partition_share: float = 0.2
     pacing: Pacing | None = None
 
     def __post_init__(self) -> None:
         count = self.new_hosts_per_source
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"new_hosts_per_source: must be an integer, 0 or more, got {count!r}")
+        share = self.partition_share
+        if not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"partition_share: must be between 0 and 1, got {share!r}")
         for name in ("new_hosts_window_s", "host_ttl_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

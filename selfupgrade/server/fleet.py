@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 
 from ..models import Heartbeat
@@ -122,6 +122,28 @@ class FleetView:
         (``None``: heard fewer than twice)."""
         interval = self._interval.get(host)
         return abs(interval) if interval is not None else None
+
+    def quiet(
+        self, now: float, *, window_s: float, silent_after_s: float, besides: Collection[str]
+    ) -> tuple[int, int]:
+        """``(silent, heard)``: of the hosts heard within ``window_s`` (but for ``besides``),
+        how many have been silent since, for three of their heartbeat intervals (or
+        ``silent_after_s``, for a host whose interval is not known yet). Hosts silent for
+        longer than the window (gone for good, or for a while) count in neither."""
+        silent = heard = 0
+        since = now - window_s
+        with self._lock:
+            beats = list(self._last_beat.items())
+            intervals = dict(self._interval)
+        for host, last in beats:
+            if last < since or host in besides:
+                continue
+            heard += 1
+            interval = intervals.get(host)
+            after = 3 * max(abs(interval), 1.0) if interval is not None else silent_after_s
+            if now - last > after:
+                silent += 1
+        return silent, heard
 
     def known(self, host: str) -> HostSeen | None:
         """The host's last heartbeat as this process holds it (``None``: not heard of)."""

@@ -69,6 +69,9 @@ configuration (cfg.json keys; a flag overrides its key):
   new_hosts_window_s                                per window (0: no limit); a name is bound
                                                     to the address first heard from
   host_ttl_days                --host-ttl-days D    forget hosts silent for D days
+  partition_share                                   a slot holder's lease that runs out while
+                                                    this share of the slotless hosts went silent
+                                                    too is renewed (a partition; 0: off)
   pace_rarely_s                --pace-rarely-s S    tell hosts in each reply when to beat next: in
                                                     S seconds when they have nothing to do soon
                                                     (0: off, hosts beat at their own interval)
@@ -211,6 +214,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             new_hosts_per_source=int(pick(args.new_hosts_per_source, "new_hosts_per_source")),
             new_hosts_window_s=float(cfg["new_hosts_window_s"]),
             host_ttl_s=float(pick(args.host_ttl_days, "host_ttl_days")) * 86400,
+            partition_share=float(cfg["partition_share"]),
             pacing=_pacing(
                 float(pick(args.pace_rarely_s, "pace_rarely_s")),
                 float(pick(args.pace_idle_s, "pace_idle_s")),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from . import rules
 from ._retry import commit_until_settled
@@ -128,18 +128,29 @@ class Housekeeping(PlaneJob):
             StoreError: the store failed.
         """
         count = 0
-        for host in self._store.due(task.id, now):
+        due = self._store.due(task.id, now)
+        partition = self._partition(task, now, due) if due else ""
+        for host in due:
             decided: list[Commit | None] = [None]
 
             def decide(host: str = host, decided: list[Commit | None] = decided) -> Commit | None:
                 rollout = self._store.rollout(task.id, now)
                 read = self._store.read(task.id, [host])[0]
-                decided[0] = rules.expire(task, rollout, read, now, deaf=deaf)
+                decided[0] = rules.expire(
+                    task, rollout, read, now, deaf=deaf, partition=bool(partition)
+                )
                 return decided[0]
 
             outcome = commit_until_settled(self._store, decide, what=f"expire {host}")
             commit = decided[0]
-            if outcome == Outcome.OK and commit is not None and not commit.add and deaf:
+            if outcome == Outcome.OK and commit is not None and not commit.add and partition:
+                log.warning(
+                    "%s: %s's lease ran out while %s: renewed, its slot kept",
+                    task.id,
+                    host,
+                    partition,
+                )
+            elif outcome == Outcome.OK and commit is not None and not commit.add and deaf:
                 log.info("%s: %s's lease ran out while hbs could not hear: renewed", task.id, host)
             if outcome == Outcome.OK and commit is not None and commit.add:
                 log.warning(
@@ -151,6 +162,33 @@ class Housekeeping(PlaneJob):
                 self._cache.freed()
                 count += 1
         return count
+
+    PARTITION_WINDOW_LEASES = 10.0
+    """Hosts heard within this many lease times count in the partition test."""
+
+    def _partition(self, task: Task, now: float, due: Sequence[str]) -> str:
+        """Why the silence of the ``due`` hosts looks like a network partition ("" when it
+        does not): at least ``partition_share`` of the other hosts heard lately, and at
+        least three, went silent as well, not counting any that may hold a slot (the hosts
+        a bad release bricked are slot holders, silent together: never a partition)."""
+        share = self._config.partition_share
+        if share <= 0:
+            return ""
+        lease = task.limits.lease_s
+        silent, heard = self._fleet.quiet(
+            now,
+            window_s=self.PARTITION_WINDOW_LEASES * lease,
+            silent_after_s=lease,
+            besides=set(due),
+        )
+        holders = self._store.rollout(task.id, now).in_flight
+        without_slot = silent - holders  # at least this many silent hosts hold no slot
+        if without_slot < 3 or without_slot < share * heard:
+            return ""
+        return (
+            f"{silent} of {heard} other hosts heard lately went silent too, at least "
+            f"{without_slot} of them without a slot (a network partition?)"
+        )
 
     def _is_lost(self, task: Task, last: float | None, host: str, now: float) -> bool:
         lost_after = self._config.lost_after_leases

@@ -515,6 +515,7 @@ def expire(
     now: float,
     *,
     deaf: tuple[float, float] | None = None,
+    partition: bool = False,
 ) -> Commit | None:
     """A host whose lease ran out without news has failed its attempt. The lease of a host
     that no longer holds a slot (its rollout was cancelled while it upgraded) is dropped.
@@ -523,13 +524,17 @@ def expire(
         deaf: ``(since, until)``: hbs could not hear anyone in that time (the store failed or
             stalled, hbs was stopped): a lease that ran out then is not a failure of its
             host, and gets a new grace from ``now``.
+        partition: many hosts that hold no slot went silent too: the host is likely behind
+            a network partition, still working on its order; its lease gets a new grace and
+            its slot stays held (freeing it would let more hosts upgrade at once than the
+            limit). A host bricked by its order is silent alone, and fails.
     """
     p = read.progress
     if p is None or p.lease_until > now:
         return None
     if p.state != HostState.ADMITTED:
         return Commit(task.id, now, (HostWrite(p, p.rev),))
-    if deaf is not None and deaf[0] < p.lease_until <= deaf[1]:
+    if partition or (deaf is not None and deaf[0] < p.lease_until <= deaf[1]):
         lease = now + (p.grace_s or task.limits.lease_s)
         return Commit(task.id, now, (HostWrite(replace(p, lease_until=lease), p.rev, lease),))
     commit = failed(task, rollout, p, read.wave, silence_reason(task, p), now)

@@ -7,6 +7,7 @@
 * Real supervisors: :class:`ServiceHarness` (systemd-like ``Restart=always`` with a real
   ``NOTIFY_SOCKET``) and :class:`Supervisord`.
 * A real ``redis-server`` on a free port: :class:`RedisServer`.
+* A TCP proxy on 127.0.0.1 that delays, resets and partitions: :class:`FaultProxy`.
 * A toy daemon triple to upgrade: :func:`toy_release`; releases of your own files, signed or
   not: :class:`ReleaseFactory`.
 * The real control server in-process: :class:`HbsServer` (``selfupgrade[server]``), and a
@@ -20,6 +21,7 @@ from typing import Any
 from .artifact_server import ArtifactServer, Fault, ServedRequest
 from .control_server import HEARTBEAT_PATH, ControlServer
 from .fakes import CrashingSystem, FakeFetcher, FakeRestarter, FakeTransport, RecordingSystem
+from .fault_proxy import FaultProxy, ProxyStats
 from .fleet import AgentHome, Fleet
 from .harness import Notification, ServiceHarness, Supervisord, stop_pid
 from .processes import marked, new_mark, stop_marked, with_mark
@@ -38,9 +40,11 @@ __all__ = [
     "FakeRestarter",
     "FakeTransport",
     "Fault",
+    "FaultProxy",
     "Fleet",
     "HbsServer",
     "Notification",
+    "ProxyStats",
     "RecordingSystem",
     "RedisServer",
     "ReleaseFactory",
