@@ -83,6 +83,7 @@ def bench(session: nox.Session) -> None:
 
 BENCHMARKS = [
     "hbs_heartbeat.py",
+    "hbs_replicas.py",
     "download.py",
     "agent_idle.py",
     "order_to_heartbeat.py",

@@ -68,3 +68,31 @@ def test_parking_waiting_hosts_does_not_change_the_outcome(hosts: int) -> None:
     assert math.isclose(parked.duration_s, exact.duration_s, rel_tol=0.10)
     assert abs(parked.done - exact.done) <= hosts * 0.001
     assert parked.heartbeats < exact.heartbeats
+
+
+def test_batched_heartbeats_give_the_same_rollout_within_a_few_percent() -> None:
+    """``batch_s`` answers the heartbeats of one simulated second together, as hbs's batcher
+    does under load; the rollout it simulates is the same one, within 5%."""
+    alone = FleetSimulator(SMALL).run()
+    batched = FleetSimulator(SimConfig(**{**SMALL.__dict__, "batch_s": 1.0})).run()
+    print(f"alone: {alone.summary()}\nbatched: {batched.summary()}")
+    assert batched.status == alone.status == "complete"
+    assert abs(batched.duration_s / alone.duration_s - 1) < 0.05
+    assert abs(batched.done - alone.done) <= SMALL.hosts * 0.005
+
+
+@pytest.mark.real
+def test_the_simulator_drives_the_control_plane_on_a_real_redis(redis_url: str) -> None:
+    """The same rollout with its state in a real redis-server (``SimConfig.store``), as
+    ``bench/million.py`` runs it for a million hosts: the same outcome as in memory."""
+    from selfupgrade.server.stores.redis import RedisStore
+
+    config = SimConfig(**{**SMALL.__dict__, "hosts": 1000, "batch_s": 1.0})
+    in_memory = FleetSimulator(config).run()
+    on_redis = FleetSimulator(
+        SimConfig(**{**config.__dict__, "store": RedisStore(redis_url)})
+    ).run()
+    print(f"in memory: {in_memory.summary()}\non Redis: {on_redis.summary()}")
+    assert on_redis.status == "complete"
+    assert (on_redis.done, on_redis.failed) == (in_memory.done, in_memory.failed)
+    assert on_redis.duration_s == pytest.approx(in_memory.duration_s, rel=0.05)

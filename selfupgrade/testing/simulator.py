@@ -58,6 +58,7 @@ from ..server import rules
 from ..server.pacing import Pacing
 from ..server.plan import Plan
 from ..server.plane import ControlPlane, PlaneConfig
+from ..server.stores.base import Store
 from ..server.stores.memory import MemoryStore
 from ..server.tasks import Task, TaskLimits
 from .toy import toy_release
@@ -109,6 +110,12 @@ class SimConfig:
             not with ``pacing``.
         pacing: hbs paces check-ins; ``None``: every host beats every ``interval_s``.
         seed: random seed (the same seed gives the same run).
+        batch_s: heartbeats that come within this many simulated seconds of one another are
+            answered as one batch (as hbs's batcher answers those that arrive together under
+            load: one round trip to the store for all); ``0``: each alone.
+        store: where the control plane keeps its state; ``None``: a new in-memory store.
+            A :class:`~selfupgrade.server.stores.redis.RedisStore` on a real redis-server
+            runs the same rollout against it (``bench/million.py``); the store must be empty.
     """
 
     hosts: int = 100_000
@@ -133,6 +140,8 @@ class SimConfig:
     park_waiting: bool = True
     pacing: Pacing | None = None
     seed: int = 1
+    batch_s: float = 0.0
+    store: Store | None = None
 
 
 @dataclass
@@ -202,7 +211,7 @@ class FleetSimulator:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.now = 0.0
-        self.store = MemoryStore()
+        self.store = config.store if config.store is not None else MemoryStore()
         self._rng = random.Random(config.seed)
         self.plane = ControlPlane(
             self.store,
@@ -212,13 +221,17 @@ class FleetSimulator:
         )
         self._events: list[tuple[float, int, int, int]] = []
         self._seq = 0
+        self._free: int | None = None
 
     def _free_slots(self, task: Task) -> int:
-        """Slots an admission could take now (hbs itself learns it by trying)."""
-        state = self.store.rollout(task.id, self.now)
-        if state.status not in rules.ADMITTING:
-            return 0
-        return max(0, rules.slot_limit(task, state) - state.in_flight)
+        """Slots an admission could take now (hbs itself learns it by trying). Read from the
+        store once, then kept: an order takes one, and what could free one (a host that
+        confirms or fails, the housekeeping) forgets the figure (``self._free = None``)."""
+        if self._free is None:
+            state = self.store.rollout(task.id, self.now)
+            admitting = state.status in rules.ADMITTING
+            self._free = max(0, rules.slot_limit(task, state) - state.in_flight) if admitting else 0
+        return self._free
 
     def _at(self, when: float, kind: int, host: int) -> None:
         self._seq += 1
@@ -256,8 +269,8 @@ class FleetSimulator:
 
         answer = self.plane.answer
         observe = self.plane.fleet.record
-        for name in names:  # every host is known to the control plane
-            answer([Heartbeat(host=name, version=old)])
+        for i in range(0, c.hosts, 1000):  # every host is known to the control plane
+            answer([Heartbeat(host=name, version=old) for name in names[i : i + 1000]])
         release = toy_release("1.1").order("http://files.invalid/sim").release
         task = Task(
             "sim",
@@ -340,6 +353,7 @@ class FleetSimulator:
             self.now = when
             if kind == _TICK:
                 self.plane.tick()
+                self._free = None
                 counters = self.store.rollout(task.id, self.now)
                 if (counters.status, counters.wave) != last_status:
                     last_status = (counters.status, counters.wave)
@@ -393,44 +407,67 @@ class FleetSimulator:
                 beats += 1
                 self._at(self.now + c.confirm_s, _BEAT, h)
                 continue
-            # a heartbeat (the hot path: most are hosts waiting for a slot)
-            p = phase[h]
-            if p == _IDLE:
-                reply = answer([idle_beat(h)])[0]
-            else:
+            # heartbeats (the hot path: most are hosts waiting for a slot); with batch_s, the
+            # ones that follow within it are answered together, as hbs's batcher does
+            batch = [(when, h)]
+            if c.batch_s:
+                last, hosts_in = when + c.batch_s, {h}
+                while events and events[0][2] == _BEAT and events[0][0] <= last:
+                    if events[0][3] in hosts_in:
+                        break  # a host's second heartbeat waits for the next batch
+                    w2, _, _, h2 = heappop(events)
+                    coming.discard(h2)
+                    if not vanished[h2]:
+                        batch.append((w2, h2))
+                        hosts_in.add(h2)
+                self.now = batch[-1][0]
+            phases, outgoing = [], []
+            for _, h2 in batch:
+                p = phase[h2]
                 if p == _TRIAL:
-                    p = phase[h] = _DONE
-                reply = self._beat(h, names, version, phase, failures)
-            order = reply.task
-            beats += 1
-            if park:
-                free = self._free_slots(task) if parked else 0
-                if free:
-                    unpark(free)  # this heartbeat may have freed a slot (a host confirmed)
-            if p == _DONE and not paced:
-                continue  # confirmed: its later heartbeats change nothing
-            if order is not None and p in (_IDLE, _FAILED):
-                phase[h] = _DOWNLOADING
-                remaining[h] = float(c.artifact_bytes)
-                if not stepping:
-                    stepping = True
-                    self._at(self.now + c.step_s, _STEP, -1)
-            elif (
-                park
-                and p == _IDLE
-                and order is None
-                and members.get(names[h], 99) <= last_status[1]
-                and self._free_slots(task) == 0
-            ):
-                parked.append(h)
-                continue
-            self._seq = seq = self._seq + 1
-            wait = reply.next_beat_s
-            if wait is None:
-                wait = interval * (low + spread * random())
-            else:  # as the library's agent obeys
-                wait = paced_interval(wait, interval, None)
-            heappush(events, (when + wait, seq, _BEAT, h))
+                    p = phase[h2] = _DONE
+                phases.append(p)
+                outgoing.append(
+                    idle_beat(h2)
+                    if p == _IDLE
+                    else self._heartbeat(h2, names, version, phase, failures)
+                )
+            replies = answer(outgoing)
+            for (when, h), p, reply in zip(batch, phases, replies, strict=True):
+                order = reply.task
+                beats += 1
+                if p in (_DONE, _FAILED):
+                    self._free = None  # it may have given its slot back
+                elif order is not None and self._free:
+                    self._free -= 1
+                if park:
+                    free = self._free_slots(task) if parked else 0
+                    if free:
+                        unpark(free)  # this heartbeat may have freed a slot (a host confirmed)
+                if p == _DONE and not paced:
+                    continue  # confirmed: its later heartbeats change nothing
+                if order is not None and p in (_IDLE, _FAILED):
+                    phase[h] = _DOWNLOADING
+                    remaining[h] = float(c.artifact_bytes)
+                    if not stepping:
+                        stepping = True
+                        self._at(self.now + c.step_s, _STEP, -1)
+                elif (
+                    park
+                    and p == _IDLE
+                    and order is None
+                    and members.get(names[h], 99) <= last_status[1]
+                    and self._free_slots(task) == 0
+                ):
+                    parked.append(h)
+                    continue
+                self._seq = seq = self._seq + 1
+                wait = reply.next_beat_s
+                if wait is None:
+                    wait = interval * (low + spread * random())
+                else:  # as the library's agent obeys
+                    wait = paced_interval(wait, interval, None)
+                heappush(events, (when + wait, seq, _BEAT, h))
 
         counters = self.store.rollout(task.id, self.now)
         if paced:
@@ -459,6 +496,12 @@ class FleetSimulator:
     def _beat(
         self, h: int, names: list[str], version: list[Any], phase: list[int], failures: list[int]
     ) -> Any:
+        """Host ``h``'s heartbeat, answered by the plane."""
+        return self.plane.answer([self._heartbeat(h, names, version, phase, failures)])[0]
+
+    def _heartbeat(
+        self, h: int, names: list[str], version: list[Any], phase: list[int], failures: list[int]
+    ) -> Heartbeat:
         p = phase[h]
         if p == _FAILED:
             beat = Heartbeat(
@@ -480,7 +523,7 @@ class FleetSimulator:
             )
         else:
             beat = Heartbeat(host=names[h], version=version[h])
-        return self.plane.answer([beat])[0]
+        return beat
 
 
 def _share(capacity: float, caps: dict[int, float]) -> dict[int, float]:
