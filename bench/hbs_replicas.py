@@ -77,7 +77,11 @@ def main() -> int:
                 )
 
             figures = {}
-            for label, targets in (("one hbs", ports[:1]), ("two hbs", ports)):
+            for label, targets in (
+                ("warm-up", ports),  # each hbs's first seconds: its start's own work
+                ("one hbs", ports[:1]),
+                ("two hbs", ports),
+            ):
                 results: list[WrkResult] = []
                 cpu, started = redis_cpu(client), time.monotonic()
                 threads = [threading.Thread(target=load, args=(p, results)) for p in targets]
@@ -90,6 +94,9 @@ def main() -> int:
                 rps = sum(r.requests_per_s for r in results)
                 answered = sum(r.requests for r in results)
                 figures[label] = rps
+                if label == "warm-up":
+                    time.sleep(5)
+                    continue
                 print(
                     f"{label}: {rps:,.0f} heartbeats/s in all "
                     f"({', '.join(f'{r.requests_per_s:,.0f}' for r in results)}; p99 "
