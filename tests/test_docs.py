@@ -391,7 +391,7 @@ def test_the_rollout_commands_in_rollouts_md_run(tmp_path: Path) -> None:
 
 @pytest.mark.real
 def test_the_examples_without_pytest_in_testing_md_run(tmp_path: Path) -> None:
-    """A fleet of five through a rollout without pytest, and the 100,000-host simulation."""
+    """A fleet of five through a rollout without pytest, and the 20,000-host simulation."""
     fleet, simulation = [b[1] for b in blocks(DOCS / "testing.md") if b[0] == "python"][1:3]
     fleet = fleet.replace('"/tmp/hbs"', repr(str(tmp_path / "hbs")))
     fleet = fleet.replace('"/tmp/fleet"', repr(str(tmp_path / "fleet")))
