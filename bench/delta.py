@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import machine, nginx, report, require
+from bench.delta_formats import falcon_pair
 from examples.falcon_agent.build import build
 from selfupgrade import _delta
 from selfupgrade._download import PatchBase, download_artifact
@@ -35,21 +35,7 @@ from selfupgrade.models import Artifact, Digest, Patch, Role, parse_version
 from selfupgrade.transport.http import HttpFetcher
 from selfupgrade.verify.digest import DigestVerifier
 
-FALCON_SRC = Path(__file__).resolve().parent.parent.parent / "shared" / "falcon-plus-agent"
 SLOW_RATE = 1_000_000  # bytes a second
-
-
-def falcon_pair(workdir: Path) -> tuple[bytes, bytes]:
-    """Two builds of the unmodified Go falcon-agent, 6.1.0 and 6.1.1."""
-    subprocess.run(
-        ["sh", str(FALCON_SRC / "build.sh"), str(workdir), "6.1.0", "6.1.1"],
-        check=True,
-        capture_output=True,
-        timeout=900,
-    )
-    return (workdir / "falcon-agent-6.1.0").read_bytes(), (
-        workdir / "falcon-agent-6.1.1"
-    ).read_bytes()
 
 
 def timed(artifact: Artifact, work: Path, base: PatchBase | None) -> tuple[float, bool]:

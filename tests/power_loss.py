@@ -124,7 +124,7 @@ class Model:
 
     def _follow(self, ident: int, path: Path) -> int:
         node = self.inodes[ident]
-        if node.kind == "link":  # a relative link to a sibling, as the installers make
+        if node.kind == "link":  # the installers' paths name real directories, never a link
             raise ValueError(f"{path}: the model does not follow links in the middle of paths")
         return ident
 
