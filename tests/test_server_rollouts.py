@@ -315,6 +315,81 @@ def test_targeting_by_labels_and_late_joiners(store) -> None:  # type: ignore[no
     )
 
 
+def test_a_silent_member_holds_its_wave_until_lost_a_late_joiner_too(store) -> None:  # type: ignore[no-untyped-def]
+    """A member that stops heartbeating before it settles holds its wave up for
+    ``lost_after_leases`` (3) leases of silence; then the wave settles without it (found
+    within half a lease more). A host that joined after the housekeeping first listed the
+    wave is counted as well."""
+    clock = Clock()
+    plane = fleet_plane(store, clock)
+    wave = {"percent": 100, "max_in_flight": 30, "max_failure_ratio": 0.5}
+    r = plane.commands.publish(rollout({"waves": [wave]}, probation_s=0))
+    plane.tick()  # the housekeeping has listed the wave's 20 members
+    clock.now += 5
+    assert admitted_now(plane) == set(HOSTS)
+    assert send(plane, beat("late")) is not None  # joined: the wave has 21 members
+    confirm(plane, HOSTS)
+    plane.tick()
+    silent_from = clock.now
+    while clock.now - silent_from < 85:  # "late" is silent, the others go on heartbeating
+        clock.now += 5
+        confirm(plane, HOSTS)
+        plane.tick()
+        assert store.rollout(r.id, clock.now).status == "active", clock.now - silent_from
+    for _ in range(8):  # lost after three 30 s leases, found by a scan every half lease
+        clock.now += 5
+        confirm(plane, HOSTS)
+        plane.tick()
+    c = store.rollout(r.id, clock.now)
+    assert c.status == "complete" and c.done == 20 and c.waves[0].members == 21
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts what the housekeeping reads of a rollout's hosts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hosts_read = self.member_lists = self.progress_lists = 0
+
+    def read(self, task_id, hosts):  # type: ignore[no-untyped-def]
+        self.hosts_read += len(hosts)
+        return super().read(task_id, hosts)
+
+    def members(self, task_id):  # type: ignore[no-untyped-def]
+        self.member_lists += 1
+        return super().members(task_id)
+
+    def all_progress(self, task_id):  # type: ignore[no-untyped-def]
+        self.progress_lists += 1
+        return super().all_progress(task_id)
+
+
+def test_looking_for_lost_hosts_reads_the_silent_ones_not_the_wave() -> None:
+    """With 2,000 members of which 3 fell silent, 20 minutes of housekeeping (a tick every
+    15 s, a scan for lost hosts every half lease) list the members once and read the
+    progress of the silent hosts only, never every member's."""
+    clock = Clock()
+    store = CountingStore()
+    plane = ControlPlane(store, PlaneConfig(task_cache_s=0), clock=clock)
+    hosts = [f"m{i:04d}" for i in range(2000)]
+    plane.answer([beat(h) for h in hosts])
+    r = plane.commands.publish(rollout({"waves": [{"percent": 100, "max_in_flight": 10}]}))
+    talking = hosts[3:]  # hosts[:3] are silent from the start
+    start = clock.now
+    store.hosts_read = heartbeat_reads = 0
+    for step in range(1, 81):
+        clock.now = start + 15 * step
+        if step % 4 == 0:
+            plane.answer([beat(h) for h in talking])
+            heartbeat_reads += len(talking)
+        plane.tick()
+    assert store.rollout(r.id, clock.now).status == "active"
+    assert store.member_lists == 1 and store.progress_lists == 0
+    housekeeping_reads = store.hosts_read - heartbeat_reads
+    # fewer hosts read in 80 ticks than one reading of the wave would be
+    assert 3 <= housekeeping_reads < len(hosts), housekeeping_reads
+
+
 def test_fleet_rollback_targets_upgraded_hosts_and_bad_versions_are_refused(store) -> None:  # type: ignore[no-untyped-def]
     clock = Clock()
     plane = fleet_plane(store, clock)

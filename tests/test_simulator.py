@@ -72,13 +72,20 @@ def test_parking_waiting_hosts_does_not_change_the_outcome(hosts: int) -> None:
 
 def test_batched_heartbeats_give_the_same_rollout_within_a_few_percent() -> None:
     """``batch_s`` answers the heartbeats of one simulated second together, as hbs's batcher
-    does under load; the rollout it simulates is the same one, within 5%."""
-    alone = FleetSimulator(SMALL).run()
-    batched = FleetSimulator(SimConfig(**{**SMALL.__dict__, "batch_s": 1.0})).run()
-    print(f"alone: {alone.summary()}\nbatched: {batched.summary()}")
-    assert batched.status == alone.status == "complete"
-    assert abs(batched.duration_s / alone.duration_s - 1) < 0.05
-    assert abs(batched.done - alone.done) <= SMALL.hosts * 0.005
+    does under load; the rollout it simulates is the same one: over four seeds, the mean
+    duration within 5% (one rollout's duration varies by more from seed to seed: 1,060 to
+    1,800 s)."""
+    ratios = []
+    for seed in range(1, 5):
+        alone = FleetSimulator(SimConfig(**{**SMALL.__dict__, "seed": seed})).run()
+        batched = FleetSimulator(
+            SimConfig(**{**SMALL.__dict__, "seed": seed, "batch_s": 1.0})
+        ).run()
+        print(f"seed {seed}: alone: {alone.summary()}\nbatched: {batched.summary()}")
+        assert batched.status == alone.status == "complete"
+        assert abs(batched.done - alone.done) <= SMALL.hosts * 0.005
+        ratios.append(batched.duration_s / alone.duration_s)
+    assert abs(sum(ratios) / len(ratios) - 1) < 0.05, ratios
 
 
 @pytest.mark.real

@@ -113,6 +113,13 @@ class FleetView:
             self._dirty[host] = seen
             return measured
 
+    def heard(self, hosts: Collection[str], now: float) -> None:
+        """Note that ``hosts`` were heard at ``now`` and had nothing new to say: for a caller
+        that knows what their heartbeats would have been and skipped them (the fleet
+        simulator). Only their last-heard times change."""
+        with self._lock:
+            self._last_beat.update(dict.fromkeys(hosts, now))
+
     def size(self) -> int:
         """How many hosts the view holds."""
         return len(self._seen)

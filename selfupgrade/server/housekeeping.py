@@ -33,6 +33,7 @@ class Housekeeping(PlaneJob):
         super().__init__(context)
         self._pause = pause
         self._silent: tuple[str, int, float, list[str]] = ("", -1, -1e18, [])
+        self._members: tuple[tuple[str, int, int], list[str]] = (("", -1, -1), [])
         self._checked: tuple[str, float] = ("", 0.0)
         # When a tick last completed: a longer gap than deaf_after_s means hbs could not hear
         # anyone meanwhile (the store failed or stalled, hbs was stopped or paused). Before
@@ -197,9 +198,13 @@ class Housekeeping(PlaneJob):
     def _lost(self, task: Task, rollout: RolloutState, now: float) -> int:
         """Members of the current wave that have not settled and stopped heartbeating.
 
-        Finding them scans the wave, so it runs at most every half lease (a host is lost only
-        after ``lost_after_leases`` leases of silence); in between, only the hosts found
-        silent are checked again, and any that spoke or settled since stop counting.
+        The wave's member list is read from the store once and kept while the wave's member
+        count is unchanged (a late joiner changes it). Finding the silent ones scans that
+        list against this process's last heartbeats, in memory, at most every half lease (a
+        host is lost only after ``lost_after_leases`` leases of silence); in between, only
+        the hosts found silent are checked again. Only the silent ones are read from the
+        store, to leave out those that settled: a scan costs the store the work of the
+        silent hosts, not of the whole wave.
         """
         wave = rollout.wave
         waves = rollout.waves
@@ -211,16 +216,30 @@ class Housekeeping(PlaneJob):
         last = self._fleet.last_beats()
         task_id, cached_wave, scanned_at, silent = self._silent
         if task_id != task.id or cached_wave != wave or now - scanned_at >= task.limits.lease_s / 2:
-            settled = {p.host for p in self._store.all_progress(task.id) if rules.settled(p)}
             silent = [
-                host
-                for host, w in self._store.members(task.id).items()
-                if w == wave
-                and host not in settled
-                and self._is_lost(task, last.get(host), host, now)
+                h
+                for h in self._wave_members(task, wave, c.members)
+                if self._is_lost(task, last.get(h), h, now)
             ]
+            silent = self._unsettled(task, silent)
             self._silent = (task.id, wave, now, silent)
+            return len(silent)
         still = [h for h in silent if self._is_lost(task, last.get(h), h, now)]
-        if not still:
-            return 0
-        return sum(1 for r in self._store.read(task.id, still) if not rules.settled(r.progress))
+        return len(self._unsettled(task, still))
+
+    def _unsettled(self, task: Task, hosts: list[str]) -> list[str]:
+        """Those of ``hosts`` that have not settled, read from the store in batches."""
+        out: list[str] = []
+        for i in range(0, len(hosts), 10_000):
+            reads = self._store.read(task.id, hosts[i : i + 10_000])
+            out.extend(r.host for r in reads if not rules.settled(r.progress))
+        return out
+
+    def _wave_members(self, task: Task, wave: int, count: int) -> list[str]:
+        """The members of ``wave``, read from the store when the task, the wave or its
+        member count (``count``) changed since the last read."""
+        key = (task.id, wave, count)
+        if self._members[0] != key:
+            hosts = [h for h, w in self._store.members(task.id).items() if w == wave]
+            self._members = (key, hosts)
+        return self._members[1]

@@ -26,11 +26,13 @@ What is simulated, and how:
 
 Heartbeats that could not change anything are skipped: hosts of waves that have not started
 sleep until their wave starts (they are then recorded as seen, as their heartbeats would have
-kept them), and hosts that have confirmed stop beating. With ``park_waiting`` (the default), a
-host whose admission was refused because every slot is held is parked instead of beating
-again; when a slot frees, a random parked host beats after an exponential delay of mean
-``interval_s / parked`` (the first of many independent random-phase heartbeats), and parked
-hosts are recorded as seen every half of the lost window. A promotion or any change of the
+kept them), and hosts that have confirmed stop beating (they are recorded as heard every
+half of the lost window, :meth:`~selfupgrade.server.fleet.FleetView.heard`). With
+``park_waiting`` (the default), a host whose admission was refused because every slot is
+held is parked instead of beating again; when a slot frees, a random parked host beats
+after an exponential delay of mean ``interval_s / parked`` (the first of many independent
+random-phase heartbeats), and parked hosts are recorded as seen every half of the lost
+window. A promotion or any change of the
 rollout's status wakes every parked host. This is equivalent in distribution to simulating
 each of their heartbeats, which the core would all answer "nothing", and makes a 100,000-host
 rollout ten times cheaper; ``park_waiting=False`` simulates every heartbeat. Everything else
@@ -202,7 +204,7 @@ class SimResult:
 
 
 _BEAT, _STEP, _RESTARTED, _TICK, _VANISH = range(5)
-_IDLE, _DOWNLOADING, _RESTARTING, _TRIAL, _DONE, _FAILED = range(6)
+_IDLE, _DOWNLOADING, _RESTARTING, _BOOTED, _TRIAL, _DONE, _FAILED = range(7)
 
 
 class FleetSimulator:
@@ -284,7 +286,7 @@ class FleetSimulator:
         members = self.store.members(task.id)
         by_wave: dict[int, list[int]] = {}
         index = {name: i for i, name in enumerate(names)}
-        for name, wave in members.items():
+        for name, wave in sorted(members.items()):  # a store may list them in any order
             by_wave.setdefault(wave, []).append(index[name])
         woken: set[int] = set()
         wave_start: dict[int, float] = {}
@@ -326,6 +328,7 @@ class FleetSimulator:
             return beat
 
         parked: list[int] = []  # hosts refused for want of a slot, waiting for one to free
+        confirmed: list[int] = []  # hosts that confirmed and stopped beating
         coming: set[int] = set()  # unparked hosts whose heartbeat has not happened yet
         last_status = ("active", 0)
         observed_at = 0.0
@@ -360,11 +363,14 @@ class FleetSimulator:
                     unpark(len(parked), everyone=True)  # a new wave or status: all try again
                 elif parked:
                     unpark(self._free_slots(task))
-                if parked and self.now - observed_at > lost_window / 2:
+                if self.now - observed_at > lost_window / 2:
                     observed_at = self.now
                     parked[:] = [h2 for h2 in parked if not vanished[h2]]
                     for h2 in parked:  # they were heartbeating all along
                         observe(idle_beat(h2), self.now)
+                    # so were the hosts that confirmed, with nothing new to say
+                    confirmed[:] = [h2 for h2 in confirmed if not vanished[h2]]
+                    self.plane.fleet.heard([names[h2] for h2 in confirmed], self.now)
                 if counters.wave_done_at is not None:  # the wave settled; its bake began
                     wave_settled.setdefault(counters.wave, counters.wave_done_at)
                 if counters.status in ("complete", "halted", "aborted"):
@@ -401,22 +407,21 @@ class FleetSimulator:
                 if stepping:
                     self._at(self.now + c.step_s, _STEP, -1)
                 continue
-            if kind == _RESTARTED:
-                version[h], phase[h] = new, _TRIAL
-                self._beat(h, names, version, phase, failures)
-                beats += 1
-                self._at(self.now + c.confirm_s, _BEAT, h)
-                continue
+            if kind == _RESTARTED:  # its first heartbeat as the new version, on trial
+                version[h], phase[h] = new, _BOOTED
             # heartbeats (the hot path: most are hosts waiting for a slot); with batch_s, the
             # ones that follow within it are answered together, as hbs's batcher does
             batch = [(when, h)]
             if c.batch_s:
                 last, hosts_in = when + c.batch_s, {h}
-                while events and events[0][2] == _BEAT and events[0][0] <= last:
+                while events and events[0][2] in (_BEAT, _RESTARTED) and events[0][0] <= last:
                     if events[0][3] in hosts_in:
                         break  # a host's second heartbeat waits for the next batch
-                    w2, _, _, h2 = heappop(events)
-                    coming.discard(h2)
+                    w2, _, k2, h2 = heappop(events)
+                    if k2 == _BEAT:
+                        coming.discard(h2)
+                    elif not vanished[h2]:
+                        version[h2], phase[h2] = new, _BOOTED
                     if not vanished[h2]:
                         batch.append((w2, h2))
                         hosts_in.add(h2)
@@ -424,8 +429,10 @@ class FleetSimulator:
             phases, outgoing = [], []
             for _, h2 in batch:
                 p = phase[h2]
-                if p == _TRIAL:
+                if p == _TRIAL:  # the heartbeat after its trial one confirms
                     p = phase[h2] = _DONE
+                elif p == _BOOTED:
+                    p = phase[h2] = _TRIAL
                 phases.append(p)
                 outgoing.append(
                     idle_beat(h2)
@@ -433,18 +440,23 @@ class FleetSimulator:
                     else self._heartbeat(h2, names, version, phase, failures)
                 )
             replies = answer(outgoing)
+            beats += len(batch)
+            # what this batch took and freed is in the store now: the free slots are read
+            # again once (when one may have freed), or lose the orders given
+            if self._free is not None:
+                if any(p in (_DONE, _FAILED) for p in phases):
+                    self._free = None
+                else:
+                    self._free = max(0, self._free - sum(r.task is not None for r in replies))
+            if park and parked:
+                unpark(self._free_slots(task))  # a host that confirmed may have freed a slot
             for (when, h), p, reply in zip(batch, phases, replies, strict=True):
                 order = reply.task
-                beats += 1
-                if p in (_DONE, _FAILED):
-                    self._free = None  # it may have given its slot back
-                elif order is not None and self._free:
-                    self._free -= 1
-                if park:
-                    free = self._free_slots(task) if parked else 0
-                    if free:
-                        unpark(free)  # this heartbeat may have freed a slot (a host confirmed)
+                if p == _TRIAL:  # its confirming heartbeat comes after confirm_s
+                    self._at(when + c.confirm_s, _BEAT, h)
+                    continue
                 if p == _DONE and not paced:
+                    confirmed.append(h)
                     continue  # confirmed: its later heartbeats change nothing
                 if order is not None and p in (_IDLE, _FAILED):
                     phase[h] = _DOWNLOADING
@@ -492,12 +504,6 @@ class FleetSimulator:
             sent=sent,
             hosts=c.hosts,
         )
-
-    def _beat(
-        self, h: int, names: list[str], version: list[Any], phase: list[int], failures: list[int]
-    ) -> Any:
-        """Host ``h``'s heartbeat, answered by the plane."""
-        return self.plane.answer([self._heartbeat(h, names, version, phase, failures)])[0]
 
     def _heartbeat(
         self, h: int, names: list[str], version: list[Any], phase: list[int], failures: list[int]
