@@ -216,10 +216,14 @@ class Housekeeping(PlaneJob):
         last = self._fleet.last_beats()
         task_id, cached_wave, scanned_at, silent = self._silent
         if task_id != task.id or cached_wave != wave or now - scanned_at >= task.limits.lease_s / 2:
+            # silent for lost_after_leases leases at least (a host's own interval can only
+            # lengthen that), the test most members fail; then the whole one
+            get = last.get
+            cutoff = now - self._config.lost_after_leases * task.limits.lease_s
             silent = [
                 h
                 for h in self._wave_members(task, wave, c.members)
-                if self._is_lost(task, last.get(h), h, now)
+                if ((seen := get(h)) is None or seen < cutoff) and self._is_lost(task, seen, h, now)
             ]
             silent = self._unsettled(task, silent)
             self._silent = (task.id, wave, now, silent)

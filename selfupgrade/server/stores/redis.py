@@ -107,6 +107,10 @@ return 'ok'
 """
 
 
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+"""JSON without spaces, by one encoder (``json.dumps`` with arguments makes one a call)."""
+
+
 def _text(value: object) -> str:
     """A rollout field as the script compares and stores it."""
     if value is None:
@@ -314,7 +318,7 @@ class RedisStore:
                 {
                     "host": w.host,
                     "rev": w.expect_rev,
-                    "body": json.dumps(w.progress.to_json(), separators=(",", ":")),
+                    "body": _compact(w.progress.to_json()),
                     "lease": repr(w.lease_until) if w.lease_until is not None else "",
                     "take": w.takes_slot,
                 }
@@ -329,13 +333,13 @@ class RedisStore:
         }
         if spec["statuses"] is None:
             del spec["statuses"]
-        return keys, json.dumps(spec, separators=(",", ":"))
+        return keys, _compact(spec)
 
     # ---- the fleet view and bad versions -------------------------------------------------
 
     def save_hosts(self, seen: Iterable[HostSeen]) -> None:
         """Record the latest heartbeats in one command."""
-        mapping = {s.host: json.dumps(s.to_json()) for s in seen}
+        mapping = {s.host: _compact(s.to_json()) for s in seen}
         if mapping:
             self._run(self._r.hset, f"{self._p}:hosts", mapping=mapping)
 
