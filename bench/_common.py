@@ -248,8 +248,10 @@ def wrk(
     connections: int,
     threads: int,
     args: Sequence[str] = (),
+    cpu: str | None = LOAD_CPU,
 ) -> WrkResult:
-    """Run wrk with ``script`` and return its figures; non-2xx answers count as errors."""
+    """Run wrk with ``script`` on ``cpu`` (``None``: where the kernel puts it) and return its
+    figures; non-2xx answers count as errors."""
     require("wrk")
     argv = [
         "wrk",
@@ -263,6 +265,8 @@ def wrk(
     ]
     if args:
         argv += ["--", *args]
+    if cpu is not None:
+        argv = pinned(argv, cpu)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=True)
     text = out.stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]

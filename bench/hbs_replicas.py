@@ -2,12 +2,19 @@
 heartbeat, against one hbs process on the same Redis in the same run (the reference).
 
 Redis is seeded as ``bench/hbs_heartbeat.py`` seeds it (``--hosts`` hosts on the old version,
-a rollout to the new one with 200 slots). wrk plays the fleet (``heartbeat.lua``): first one
-wrk against one hbs, then one wrk against each of two hbs at once, each with the
-connections of the first. Redis's CPU is ``INFO cpu`` (user + system) over each run. On this
-machine's two CPUs everything shares them: hbs A on CPU 0, hbs B on CPU 1, the wrk processes
-and Redis where the kernel puts them; so the figure that carries to a larger machine is
-Redis's CPU per heartbeat, from which the sizing table in docs/operators-guide.md follows.
+a rollout to the new one with 200 slots). wrk plays the fleet (``heartbeat.lua``). Both hbs
+processes start, warm up (a no-op run, a heartbeat run on each, then ``--settle`` seconds of
+quiet), then:
+
+* one hbs: wrk against hbs A, laid out as ``hbs_heartbeat.py`` lays it out (hbs A and Redis
+  on CPU 0, wrk on CPU 1; hbs B idles on CPU 1), so its figure is comparable with that one's;
+* two hbs: one wrk against each at once, each with the connections of the first; hbs A on
+  CPU 0, hbs B on CPU 1, Redis and the two wrk where the kernel puts them.
+
+Redis's CPU is ``INFO cpu`` (user + system) over each run. On two CPUs the two-process figure
+is bounded by the machine (two hbs, two wrk and Redis share two cores); what carries to a
+larger machine is Redis's CPU per heartbeat, from which the sizing table in
+docs/operators-guide.md follows.
 
     python bench/hbs_replicas.py [--hosts 600000] [--seconds 10] [--connections 32]
 """
@@ -15,6 +22,7 @@ Redis's CPU per heartbeat, from which the sizing table in docs/operators-guide.m
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import threading
@@ -25,7 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis as redis_py
 
-from bench._common import BENCH, WrkResult, machine, pinned, process, report, wait_http, wrk
+from bench._common import (
+    BENCH,
+    LOAD_CPU,
+    SERVER_CPU,
+    WrkResult,
+    machine,
+    pin_pid,
+    pinned,
+    process,
+    report,
+    wait_http,
+    wrk,
+)
 from bench.hbs_heartbeat import NEW, OLD, agent_body, seed
 from selfupgrade.server.stores.redis import RedisStore
 from selfupgrade.testing.redis_server import RedisServer, free_port
@@ -41,12 +61,19 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=600_000)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--settle", type=float, default=5.0, help="quiet after the warm-up, s")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="su-bench-replicas-") as d, RedisServer() as redis:
         tmp = Path(d)
         body = tmp / "body.json"
         body.write_text(agent_body())
+        noop = tmp / "noop.lua"
+        one = agent_body().replace("HOST", "h0000001").replace("VERSION", OLD)
+        noop.write_text(
+            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = {json.dumps(one.replace('STATE', 'idle'))}\n"
+        )
         store = RedisStore(redis.url, timeout_s=60)
         seed(store, args.hosts, 200)
         store.close()
@@ -57,14 +84,15 @@ def main() -> int:
             argv = [
                 sys.executable, "-m", "selfupgrade.server", "--http", f"127.0.0.1:{port}",
                 "--rpc", "off", "--store", redis.url, "--queue", "200",
-                "--no-artifact-check", "--failure-limit", str(10**9), "--log-level", "warning",
+                "--no-artifact-check", "--failure-limit", str(10**9), "--bench-noop",
+                "--log-level", "warning",
             ]  # fmt: skip
             hbs.append(process(pinned(argv, str(i)), log=tmp / f"hbs-{i}.log"))
         with hbs[0] as a, hbs[1] as b:
             for port, proc in zip(ports, (a, b), strict=True):
                 wait_http(f"http://127.0.0.1:{port}/health", timeout_s=300, proc=proc)
 
-            def load(port: int, out: list[WrkResult]) -> None:
+            def load(port: int, out: list[WrkResult], cpu: str | None) -> None:
                 out.append(
                     wrk(
                         f"http://127.0.0.1:{port}/selfupgrade/v1/heartbeat",
@@ -73,18 +101,34 @@ def main() -> int:
                         connections=args.connections,
                         threads=args.connections,
                         args=[str(args.connections), str(args.hosts), OLD, NEW, "400", str(body)],
+                        cpu=cpu,
                     )
                 )
 
+            # warm-up: each hbs's first seconds (its start's own work, the first housekeeping)
+            for port in ports:
+                wrk(
+                    f"http://127.0.0.1:{port}/selfupgrade/v1/noop",
+                    noop,
+                    seconds=2,
+                    connections=args.connections,
+                    threads=args.connections,
+                )
+                load(port, [], LOAD_CPU)
+            time.sleep(args.settle)
+
             figures = {}
-            for label, targets in (
-                ("warm-up", ports),  # each hbs's first seconds: its start's own work
-                ("one hbs", ports[:1]),
-                ("two hbs", ports),
+            assert redis.pid is not None
+            for label, targets, redis_cpus, wrk_cpu in (
+                ("one hbs", ports[:1], SERVER_CPU, LOAD_CPU),
+                ("two hbs", ports, "0,1", None),
             ):
+                pin_pid(redis.pid, redis_cpus)
                 results: list[WrkResult] = []
                 cpu, started = redis_cpu(client), time.monotonic()
-                threads = [threading.Thread(target=load, args=(p, results)) for p in targets]
+                threads = [
+                    threading.Thread(target=load, args=(p, results, wrk_cpu)) for p in targets
+                ]
                 for t in threads:
                     t.start()
                 for t in threads:
@@ -94,9 +138,6 @@ def main() -> int:
                 rps = sum(r.requests_per_s for r in results)
                 answered = sum(r.requests for r in results)
                 figures[label] = rps
-                if label == "warm-up":
-                    time.sleep(5)
-                    continue
                 print(
                     f"{label}: {rps:,.0f} heartbeats/s in all "
                     f"({', '.join(f'{r.requests_per_s:,.0f}' for r in results)}; p99 "
