@@ -130,8 +130,10 @@ def measure(
         rounds = []
         for k in range(args.rounds):
             if k:
-                # A new rollout for the round: the agents of the last one that still hold
-                # slots will not come back (wrk starts afresh).
+                # A new rollout for the round. The agents of the last one that still hold
+                # slots will not come back (wrk starts afresh), and their leases count against
+                # the new rollout's limit until they run out (600 s): this round writes
+                # little (docs/benchmarks.md, 2026-12-04).
                 publish(port)
                 # Let the housekeeping that follows a publish (the first scan of the new
                 # rollout's members, the collector) pass before measuring.
@@ -157,7 +159,7 @@ def measure(
             trips += _round_trips(port) - trips_before
             for res in (noop, beat):
                 _check(res)
-            o, r, f = (int(x.split("=")[1]) for x in _rollout_line(beat).split()[1:])
+            o, r, f = rollout_writes(beat)
             ratio = beat.requests_per_s / noop.requests_per_s
             print(
                 f"[{label}] round {k + 1}: no-op {noop.requests_per_s:,.0f} req/s "
@@ -221,8 +223,11 @@ def measure(
         )
 
 
-def _rollout_line(result: WrkResult) -> str:
-    return next(ln for ln in result.output.splitlines() if ln.startswith("ROLLOUT"))
+def rollout_writes(result: WrkResult) -> tuple[int, int, int]:
+    """The admissions, renewals and completions ``heartbeat.lua`` counted in a wrk run."""
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("ROLLOUT"))
+    o, r, f = (int(x.split("=")[1]) for x in line.split()[1:])
+    return o, r, f
 
 
 def publish(port: int) -> None:

@@ -46,7 +46,7 @@ from bench._common import (
     wait_http,
     wrk,
 )
-from bench.hbs_heartbeat import NEW, OLD, agent_body, seed
+from bench.hbs_heartbeat import NEW, OLD, agent_body, rollout_writes, seed
 from selfupgrade.server.stores.redis import RedisStore
 from selfupgrade.testing.redis_server import RedisServer, free_port
 
@@ -138,11 +138,14 @@ def main() -> int:
                 rps = sum(r.requests_per_s for r in results)
                 answered = sum(r.requests for r in results)
                 figures[label] = rps
+                writes = [sum(w) for w in zip(*(rollout_writes(r) for r in results), strict=True)]
                 print(
                     f"{label}: {rps:,.0f} heartbeats/s in all "
                     f"({', '.join(f'{r.requests_per_s:,.0f}' for r in results)}; p99 "
                     f"{max(r.p99_ms for r in results):.1f} ms; {errors} errors); Redis CPU "
-                    f"{cpu / elapsed:.0%} of a core, {cpu / answered * 1e6:.1f} us per heartbeat",
+                    f"{cpu / elapsed:.0%} of a core, {cpu / answered * 1e6:.1f} us per "
+                    f"heartbeat; {writes[0]} admissions, {writes[1]} renewals, {writes[2]} "
+                    "completions",
                     flush=True,
                 )
     report(

@@ -364,9 +364,9 @@ def test_cancel_and_publish_again_at_once_keeps_the_limit(
     still upgrading for the cancelled rollout count against the new one's limit."""
     binaries = build_agents(OLD, NEW)
     new = binaries[NEW].read_bytes()
-    # 10 s a download, longer than the agents' 5 s interval: every agent beats while two
-    # download, and could be ordered
-    body = serve_new(artifact_server, new, Fault(trickle_bytes_per_s=1_000_000))
+    # about 5 s a download, more than two of the agents' 2 s intervals: every agent beats while
+    # two download, and could be ordered
+    body = serve_new(artifact_server, new, Fault(trickle_bytes_per_s=2_000_000))
     db = tmp_path / "hbs.db"
     with Hbs(
         f"sqlite:{db}",

@@ -86,14 +86,21 @@ def test_the_demo_on_redis_stops_every_process_it_started(redis_url: str) -> Non
 def test_an_interrupted_demo_stops_every_process_it_started(sig: signal.Signals) -> None:
     port = free_port()
     mark = new_mark()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "examples.demo", "--agents", "6", "--port", str(port)],
-        env=with_mark(dict(os.environ), mark),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    # A process started with SIGINT ignored (a background job of a shell without job
+    # control) passes that on, and Python then keeps it ignored: the demo starts with a
+    # handler here, so that exec gives it SIGINT's default whatever started pytest.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "examples.demo", "--agents", "6", "--port", str(port)],
+            env=with_mark(dict(os.environ), mark),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # interrupt it once the fleet runs
