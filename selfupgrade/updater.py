@@ -334,6 +334,10 @@ class Updater:
     def tick(self) -> float:
         """Beat once, act on the reply, advance a trial; return the delay until the next tick."""
         order: UpgradeOrder | None = None
+        if self._on_trial and self._health_check is not None:
+            # A health check of its own needs no network: confirm before the heartbeat, which
+            # a slow or partitioned network can hold past the trial's deadline.
+            self._advance_trial(roll_back=False)
         try:
             order = self._transport.heartbeat(self.heartbeat())
             self._beat_ok = True
@@ -360,7 +364,9 @@ class Updater:
             return jittered_interval(c.interval_s, c.jitter, self._uniform())
         return paced_interval(asked, c.interval_s, c.paced_max_s)
 
-    def _advance_trial(self) -> None:
+    def _advance_trial(self, *, roll_back: bool = True) -> None:
+        """Confirm the version on trial if healthy; past its deadline (with ``roll_back``),
+        roll it back."""
         healthy = False
         try:
             healthy = self._health_check() if self._health_check is not None else self._beat_ok
@@ -373,7 +379,7 @@ class Updater:
             self._set(UpgradeState.IDLE)
             log.info("version %s confirmed healthy", self.version)
             return
-        if self._trial_deadline is not None and self._now() > self._trial_deadline:
+        if roll_back and self._trial_deadline is not None and self._now() > self._trial_deadline:
             timeout = self.config.confirm.timeout_s
             reason = f"{self.version} did not confirm its health within {timeout:g}s"
             log.error("%s; rolling back", reason)

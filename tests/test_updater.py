@@ -213,6 +213,30 @@ def test_the_new_version_confirms_after_its_first_heartbeat(tmp: Path) -> None:
     assert last is not None and last.outcome == "confirmed"
 
 
+def test_a_health_check_of_its_own_confirms_before_the_heartbeat_goes_out(tmp: Path) -> None:
+    """A heartbeat that a partitioned network holds (for longer than the trial's deadline,
+    under the real network test) does not keep a healthy new version from confirming: its
+    own health check is asked before the heartbeat is sent, and the heartbeat says so."""
+    old, _, _ = make(tmp, order=NEW.order(BASE))
+    old.on_start()
+    old.tick()
+    wait_idle(old)
+    new, transport, _ = make(tmp, version="1.1", health=lambda: True)
+    confirmed_when_sent = []
+    send = transport.heartbeat
+
+    def held(beat):  # type: ignore[no-untyped-def]
+        confirmed_when_sent.append(TripleInstaller(tmp / "state").status().pending is None)
+        return send(beat)
+
+    transport.heartbeat = held  # type: ignore[method-assign]
+    new.on_start()
+    assert new.on_trial
+    new.tick()
+    assert confirmed_when_sent == [True]
+    assert transport.beats[-1].confirmed and not new.on_trial
+
+
 def test_an_unhealthy_new_version_is_rolled_back_at_its_deadline(tmp: Path) -> None:
     clock = Clock()
     old, _, _ = make(tmp, order=NEW.order(BASE), clock=clock)
