@@ -62,6 +62,16 @@ def agent_body() -> str:
     return json.dumps(beat, separators=(",", ":"))
 
 
+def write_noop_script(path: Path) -> None:
+    """A wrk script that sends one idle host's heartbeat body again and again (for the no-op
+    endpoint and nginx's fixed 200)."""
+    one = agent_body().replace("HOST", "h0000001").replace("VERSION", OLD)
+    path.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {json.dumps(one.replace('STATE', 'idle'))}\n"
+    )
+
+
 def seed(store: object, hosts: int, slots: int) -> None:
     """Put ``hosts`` hosts on the old version in ``store`` and publish the rollout."""
     now = time.time()
@@ -332,11 +342,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="su-bench-hbs-") as d, nginx() as nginx_port:
         tmp = Path(d)
         (tmp / "body.json").write_text(agent_body())
-        one = agent_body().replace("HOST", "h0000001").replace("VERSION", OLD)
-        (tmp / "noop.lua").write_text(
-            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = {json.dumps(one.replace('STATE', 'idle'))}\n"
-        )
+        write_noop_script(tmp / "noop.lua")
         run = {
             "seconds": args.seconds,
             "connections": args.connections,

@@ -22,7 +22,6 @@ docs/operators-guide.md follows.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import threading
@@ -46,7 +45,7 @@ from bench._common import (
     wait_http,
     wrk,
 )
-from bench.hbs_heartbeat import NEW, OLD, agent_body, rollout_writes, seed
+from bench.hbs_heartbeat import NEW, OLD, agent_body, rollout_writes, seed, write_noop_script
 from selfupgrade.server.stores.redis import RedisStore
 from selfupgrade.testing.redis_server import RedisServer, free_port
 
@@ -69,11 +68,7 @@ def main() -> int:
         body = tmp / "body.json"
         body.write_text(agent_body())
         noop = tmp / "noop.lua"
-        one = agent_body().replace("HOST", "h0000001").replace("VERSION", OLD)
-        noop.write_text(
-            'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-            f"wrk.body = {json.dumps(one.replace('STATE', 'idle'))}\n"
-        )
+        write_noop_script(noop)
         store = RedisStore(redis.url, timeout_s=60)
         seed(store, args.hosts, 200)
         store.close()

@@ -204,7 +204,7 @@ class SimResult:
 
 
 _BEAT, _STEP, _RESTARTED, _TICK, _VANISH = range(5)
-_IDLE, _DOWNLOADING, _RESTARTING, _BOOTED, _TRIAL, _DONE, _FAILED = range(7)
+_IDLE, _DOWNLOADING, _RESTARTING, _TRIAL, _DONE, _FAILED = range(6)
 
 
 class FleetSimulator:
@@ -407,11 +407,9 @@ class FleetSimulator:
                 if stepping:
                     self._at(self.now + c.step_s, _STEP, -1)
                 continue
-            if kind == _RESTARTED:  # its first heartbeat as the new version, on trial
-                version[h], phase[h] = new, _BOOTED
             # heartbeats (the hot path: most are hosts waiting for a slot); with batch_s, the
             # ones that follow within it are answered together, as hbs's batcher does
-            batch = [(when, h)]
+            batch = [(when, h, kind)]
             if c.batch_s:
                 last, hosts_in = when + c.batch_s, {h}
                 while events and events[0][2] in (_BEAT, _RESTARTED) and events[0][0] <= last:
@@ -420,19 +418,19 @@ class FleetSimulator:
                     w2, _, k2, h2 = heappop(events)
                     if k2 == _BEAT:
                         coming.discard(h2)
-                    elif not vanished[h2]:
-                        version[h2], phase[h2] = new, _BOOTED
                     if not vanished[h2]:
-                        batch.append((w2, h2))
+                        batch.append((w2, h2, k2))
                         hosts_in.add(h2)
                 self.now = batch[-1][0]
             phases, outgoing = [], []
-            for _, h2 in batch:
-                p = phase[h2]
-                if p == _TRIAL:  # the heartbeat after its trial one confirms
-                    p = phase[h2] = _DONE
-                elif p == _BOOTED:
-                    p = phase[h2] = _TRIAL
+            for _, h2, k2 in batch:
+                if k2 == _RESTARTED:  # its first heartbeat as the new version, on trial
+                    version[h2], phase[h2] = new, _TRIAL
+                    p = _TRIAL
+                else:
+                    p = phase[h2]
+                    if p == _TRIAL:  # the heartbeat after its trial one confirms
+                        p = phase[h2] = _DONE
                 phases.append(p)
                 outgoing.append(
                     idle_beat(h2)
@@ -450,7 +448,7 @@ class FleetSimulator:
                     self._free = max(0, self._free - sum(r.task is not None for r in replies))
             if park and parked:
                 unpark(self._free_slots(task))  # a host that confirmed may have freed a slot
-            for (when, h), p, reply in zip(batch, phases, replies, strict=True):
+            for (when, h, _), p, reply in zip(batch, phases, replies, strict=True):
                 order = reply.task
                 if p == _TRIAL:  # its confirming heartbeat comes after confirm_s
                     self._at(when + c.confirm_s, _BEAT, h)
